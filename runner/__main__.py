@@ -1,0 +1,5 @@
+"""`python -m runner` is the same as `dify-batch`."""
+
+from .cli import main
+
+main()
