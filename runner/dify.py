@@ -345,6 +345,17 @@ class DifyClient:
             body["files"] = files
         return await self._message("/completion-messages", body, response_mode, on_started, "completion")
 
+    async def conversation_exists(self, conversation_id: str, user: str) -> bool:
+        """True when the conversation is still there for `user` (`GET /messages`); streaming hides this 404."""
+        try:
+            await self._get_json(f"/messages?conversation_id={quote(conversation_id, safe='')}"
+                                 f"&user={quote(user, safe='')}&limit=1")
+        except NotFoundError as exc:
+            if exc.code == "conversation_not_exists":
+                return False
+            raise
+        return True
+
     async def get_workflow_run(self, run_id: str) -> RunResult:
         path = f"/workflows/run/{quote(run_id, safe='')}"
         payload = await self._get_json(path)

@@ -21,6 +21,7 @@ from .dify import DifyClient
 from .errors import (
     DifyError,
     InputFileError,
+    NotFoundError,
     RateLimitedError,
     RunFailedError,
     RunnerError,
@@ -209,6 +210,7 @@ class Scheduler:
         self.tasks: set[asyncio.Task[None]] = set()
         self.chains: dict[str, asyncio.Task[None]] = {}
         self.uploads: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self.verified: dict[str, bool] = {}  # conversation key -> still exists on the server
         self.fatal: BaseException | None = None
         self.health = ServerHealth(self.client, self.spec.max_down, self.sleep, self.clock)
         self.writer = StateWriter(self.store, asyncio.get_running_loop())
@@ -443,6 +445,8 @@ class Scheduler:
             )
         conversation = self._conversation_key(item)
         conversation_id = self.store.conversation_id(conversation) if conversation is not None else None
+        if conversation is not None and conversation_id:
+            await self._check_conversation(conversation, conversation_id)
         result = await self.client.chat(
             query, spec.user, inputs=inputs, conversation_id=conversation_id, response_mode=spec.response_mode,
             on_started=on_started,
@@ -451,12 +455,24 @@ class Scheduler:
             self.store.save_conversation(conversation, result.conversation_id)
         return result
 
+    async def _check_conversation(self, conversation: str, conversation_id: str) -> None:
+        """A conversation continued from an earlier run may be gone; streaming would hide the 404, so ask once."""
+        if conversation not in self.verified:
+            self.verified[conversation] = await self.client.conversation_exists(conversation_id, self.spec.user)
+        if not self.verified[conversation]:
+            raise NotFoundError(
+                f"conversation {conversation_id} ({self.spec.conversation_column} = {conversation!r}) no longer exists "
+                "on the server (Conversation Not Exists.); rerun with --fresh to start new conversations",
+                status=404, code="conversation_not_exists",
+            )
+
     def _on_started(self, item: KeyedRow) -> Callable[[dict[str, Any]], None]:
         def record(ids: dict[str, Any]) -> None:
             self.writer.started(item.key, {k: str(v) for k, v in ids.items() if v})
             conversation = self._conversation_key(item)
             if conversation is not None and ids.get("conversation_id") and not self.store.conversation_id(conversation):
                 self.store.save_conversation(conversation, str(ids["conversation_id"]))
+                self.verified[conversation] = True  # created by this run: no need to ask the server
 
         return record
 

@@ -661,6 +661,7 @@ class _Api:
             ("GET", ["parameters"], "/parameters", self.parameters),
             ("GET", ["info"], "/info", self.info),
             ("GET", ["meta"], "/meta", self.meta),
+            ("GET", ["messages"], "/messages", self.messages),
         ]
 
     # -- routing and auth ------------------------------------------------------------------------------------
@@ -1224,6 +1225,18 @@ class _Api:
 
     async def meta(self, request: Request, rec: RequestRecord) -> Response:
         return self._ok(rec, {"tool_icons": {}})
+
+    async def messages(self, request: Request, rec: RequestRecord) -> Response:
+        """`GET /messages?conversation_id=&user=`: a conversation's history (turn count only here); 404 if unknown."""
+        if self.cfg.app_mode not in CHAT_MODES:
+            raise _ApiError(400, "not_chat_app", _MODE_MISMATCH)
+        rec.user = request.query_params.get("user")
+        end_user, _ = self.sim._end_user(rec.user or "", hold_first=False)
+        conversation = self.sim.conversations.get(request.query_params.get("conversation_id", ""))
+        if conversation is None or conversation["end_user_id"] != end_user:
+            raise _ApiError(404, "not_found", "Conversation Not Exists.")
+        data = [{"id": f"turn-{n}", "conversation_id": conversation["id"]} for n in range(conversation["turns"])]
+        return self._ok(rec, {"limit": 20, "has_more": False, "data": data[-20:]})
 
 
 _NODES: dict[str, tuple[str, str, int, str | None]] = {
