@@ -83,6 +83,8 @@ JOB_OPTIONS: list[Callable[..., Any]] = [
     click.option("--key-column", metavar="COL", help="Row identity for resume [stable hash of the mapped values]."),
     click.option("--query-column", metavar="COL", help="Column holding the chat query (chat/completion)."),
     click.option("--conversation-column", metavar="COL", help="Rows with the same value form one conversation (chat)."),
+    click.option("--files-column", metavar="COL",
+                 help="Files (paths or URLs, ';'-separated) attached to each message as `files` (app's file upload)."),
     click.option("--files-root", type=click.Path(path_type=Path), help="Folder local file paths are relative to [input's folder]."),
     click.option("--encoding", help="Input CSV/TSV encoding [detected: UTF-8, UTF-8-BOM, GBK/GB18030]."),
     click.option("--workflow-id", help="Run this published workflow version (POST /workflows/{id}/run)."),

@@ -53,6 +53,7 @@ from .sse import (
 )
 
 OnStarted = Callable[[dict[str, Any]], None]
+OnText = Callable[[str], None]
 Sleep = Callable[[float], Awaitable[Any]]
 
 RESPONSE_MODES = ("blocking", "streaming")
@@ -211,6 +212,27 @@ def _input_def(item: Any) -> InputDef | None:
     )
 
 
+class _TextEvents(MessageEvents):
+    """MessageEvents that also hands each `message` / `agent_message` chunk to `on_text` as it arrives."""
+
+    def __init__(self, mode: str, on_text: OnText) -> None:
+        super().__init__(mode)
+        self._on_text = on_text
+
+    def feed(self, event: dict[str, Any]) -> bool:
+        if event.get("event") in ("message", "agent_message") and event.get("answer"):
+            self._on_text(str(event["answer"]))
+        return super().feed(event)
+
+
+def _tell_answer(result: RunResult, on_text: OnText | None) -> RunResult:
+    """A blocking answer arrives whole: `on_text` gets it as one chunk, so callers always see the text."""
+    answer = result.outputs.get("answer")
+    if on_text is not None and answer:
+        on_text(str(answer))
+    return result
+
+
 def _says_streaming_only(error: BadRequestError) -> bool:
     return any(word in (error.message or "").lower() for word in _STREAMING_ONLY_WORDS)
 
@@ -321,29 +343,30 @@ class DifyClient:
             if events.error_event is not None:
                 raise self._event_error(events.error_event, url, events.run_id, events.task_id)
             return _raise_if_failed(events.result(), url)
-        if outcome == "not_started":
-            raise self._not_started(url)
+        if outcome in _UNSTARTED:
+            raise self._not_started(url, outcome)
         return await self._recover(events.run_id, events.task_id, url, outcome)
 
     async def chat(
         self, query: str, user: str, *, inputs: dict[str, Any] | None = None, conversation_id: str | None = None,
         response_mode: str = "streaming", files: list[Any] | None = None, on_started: OnStarted | None = None,
+        on_text: OnText | None = None,
     ) -> RunResult:
         body: dict[str, Any] = {"query": query, "inputs": inputs or {}, "user": user}
         if conversation_id:
             body["conversation_id"] = conversation_id
         if files is not None:
             body["files"] = files
-        return await self._message("/chat-messages", body, response_mode, on_started, "chat")
+        return await self._message("/chat-messages", body, response_mode, on_started, "chat", on_text)
 
     async def completion(
         self, inputs: dict[str, Any], user: str, *, query: str = "", response_mode: str = "streaming",
-        files: list[Any] | None = None, on_started: OnStarted | None = None,
+        files: list[Any] | None = None, on_started: OnStarted | None = None, on_text: OnText | None = None,
     ) -> RunResult:
         body: dict[str, Any] = {"inputs": inputs, "query": query, "user": user}
         if files is not None:
             body["files"] = files
-        return await self._message("/completion-messages", body, response_mode, on_started, "completion")
+        return await self._message("/completion-messages", body, response_mode, on_started, "completion", on_text)
 
     async def conversation_exists(self, conversation_id: str, user: str) -> bool:
         """True when the conversation is still there for `user` (`GET /messages`); streaming hides this 404."""
@@ -396,27 +419,30 @@ class DifyClient:
     # ---- chat / completion --------------------------------------------------------------------------------------
 
     async def _message(
-        self, path: str, body: dict[str, Any], response_mode: str, on_started: OnStarted | None, mode: str
+        self, path: str, body: dict[str, Any], response_mode: str, on_started: OnStarted | None, mode: str,
+        on_text: OnText | None = None,
     ) -> RunResult:
         if _mode(response_mode) == "blocking" and not self.streaming_only:
             try:
                 payload = await self._post_json(path, {**body, "response_mode": "blocking"})
-                return self._blocking_message(payload, mode, on_started)
+                return _tell_answer(self._blocking_message(payload, mode, on_started), on_text)
             except BadRequestError as exc:
                 if not _says_streaming_only(exc):
                     raise
                 self.streaming_only = True  # agent apps only stream; the batch runner reports this
-        events = MessageEvents(mode)
+        events = MessageEvents(mode) if on_text is None else _TextEvents(mode, on_text)
         outcome, answer = await self._stream(path, {**body, "response_mode": "streaming"}, events, on_started)
         if answer is not None:
-            return self._blocking_message(answer, mode, on_started)
+            return _tell_answer(self._blocking_message(answer, mode, on_started), on_text)
         url = self._url(path)
         if outcome == "done" and events.error_event is not None:
             raise self._event_error(events.error_event, url, events.run_id, events.task_id)
         if outcome == "done":
             return events.result()
-        if outcome == "not_started":
-            raise self._not_started(url)
+        if outcome in _UNSTARTED:
+            if body.get("conversation_id"):
+                await self._check_conversation(str(body["conversation_id"]), str(body.get("user", "")), url)
+            raise self._not_started(url, outcome)
         if events.workflow_failed is not None:
             failed = workflow_result(events.workflow_failed, run_id=events.run_id, task_id=events.task_id)
             _raise_if_failed(failed, url)
@@ -452,7 +478,8 @@ class DifyClient:
     async def _stream(
         self, path: str, body: dict[str, Any], events: WorkflowEvents | MessageEvents, on_started: OnStarted | None
     ) -> tuple[str, dict[str, Any] | None]:
-        """POST and read SSE into `events`: ("done" | "eof" | "stalled" | "dropped" | "not_started", None), or
+        """POST and read SSE into `events`: (outcome, None) with outcome "done", "eof", "stalled", "dropped",
+        "not_started" (start_timeout) or "closed_unstarted" (EOF before any payload frame); or
         ("json", payload) when the server answered a plain JSON body instead of a stream."""
         response = await self._send("POST", path, json=body, stream=True)
         handed_off = False
@@ -499,7 +526,9 @@ class DifyClient:
                         deadline.reschedule(loop.time() + self.stall_timeout)
                         if take(frames):
                             return "done"
-            return "done" if take(decoder.flush()) else "eof"
+            if take(decoder.flush()):
+                return "done"
+            return "eof" if started else "closed_unstarted"  # the real server ends a hidden rejection so, in time
         except TimeoutError:
             return "stalled" if started else "not_started"
         except httpx.TransportError:
@@ -542,12 +571,30 @@ class DifyClient:
             )
         return _raise_if_failed(replace(result, recovered=True, task_id=task_id), url)
 
-    def _not_started(self, url: str) -> BadRequestError:
+    def _not_started(self, url: str, outcome: str) -> BadRequestError:
+        how = (f"never started within {self.start_timeout:g} s" if outcome == "not_started"
+               else "was closed by the server before the run started")
         return BadRequestError(
-            f"the stream from {url} opened but the run never started within {self.start_timeout:g} s — Dify hides "
-            "request rejections in streaming mode; run `dify-batch validate` or try --response-mode blocking to see "
-            "the server's reason", status=200, code="stream_not_started", url=url,
+            f"the stream from {url} opened but {how} — Dify hides request rejections in streaming mode; run "
+            "`dify-batch validate` or try --response-mode blocking to see the server's reason",
+            status=200, code="stream_not_started", url=url,
         )
+
+    async def _check_conversation(self, conversation_id: str, user: str, url: str) -> None:
+        """A chat stream that never starts often means an unknown conversation (Dify hides the 404 when streaming):
+        ask the read-only `GET /messages`, which states it, and raise that instead of a vague "never started"."""
+        try:
+            await self._send("GET", "/messages", params={"conversation_id": conversation_id, "user": user, "limit": 1})
+        except NotFoundError as exc:
+            if exc.code != "conversation_not_exists":
+                return
+            raise NotFoundError(
+                f"404 conversation_not_exists from {url}: Conversation Not Exists. (conversation {conversation_id}, "
+                f"user {user!r}; asked GET /messages because the stream never started)",
+                status=404, code="conversation_not_exists", url=url,
+            ) from exc
+        except DifyError:
+            return  # could not tell: report the stream that never started
 
     def _event_error(self, event: dict[str, Any], url: str, run_id: str | None, task_id: str | None) -> DifyError:
         status = to_int(event.get("status")) or 500
@@ -633,7 +680,8 @@ class DifyClient:
         return self._json(await self._send("POST", path, json=body), path)
 
 
-_OUTCOME_WORDS = {"eof": "ended", "stalled": "went silent", "dropped": "broke off", "not_started": "never started"}
+_OUTCOME_WORDS = {"eof": "ended", "stalled": "went silent", "dropped": "broke off"}
+_UNSTARTED = ("not_started", "closed_unstarted")
 
 
 def _mode(response_mode: str) -> str:

@@ -28,7 +28,7 @@ from .errors import (
     StreamInterruptedError,
     TransportError,
 )
-from .mapping import build_inputs, is_empty, file_input_value, parse_file_cell, row_problems, sha256_file
+from .mapping import build_inputs, is_empty, message_files_def, file_input_value, parse_file_cell, row_problems, sha256_file
 from .models import AppParameters, RunResult
 from .plan import KeyedRow, iter_keyed_batches
 from .retry import AdaptiveLimit, RateLimiter, backoff_delay, is_fatal_for_job, retry_policy
@@ -210,6 +210,7 @@ class Scheduler:
         self.tasks: set[asyncio.Task[None]] = set()
         self.chains: dict[str, asyncio.Task[None]] = {}
         self.uploads: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self.message_files = message_files_def(self.params)
         self.verified: dict[str, bool] = {}  # conversation key -> still exists on the server
         self.fatal: BaseException | None = None
         self.health = ServerHealth(self.client, self.spec.max_down, self.sleep, self.clock)
@@ -380,7 +381,11 @@ class Scheduler:
             if refs:
                 files[var] = refs
         query = str(item.row.get(self.spec.query_column, "")) if self.spec.query_column else ""
-        return {"inputs": inputs, "files": files, "query": query}
+        attached = []
+        if self.spec.files_column and self.message_files is not None:
+            attached = parse_file_cell(item.row.get(self.spec.files_column), self.message_files,
+                                       files_root=self.spec.files_dir, size_limits_mb=self.params.file_size_limits_mb)
+        return {"inputs": inputs, "files": files, "query": query, "attached": attached}
 
     async def _with_retries(
         self, item: KeyedRow, request: dict[str, Any], count_attempt: Callable[[], int]
@@ -402,6 +407,10 @@ class Scheduler:
             assert definition is not None
             ids = {ref.value: await self._upload(ref.value) for ref in refs if ref.kind == "local"}
             inputs[var] = file_input_value(refs, ids, definition)
+        attached = None
+        if request["attached"] and self.message_files is not None:
+            ids = {ref.value: await self._upload(ref.value) for ref in request["attached"] if ref.kind == "local"}
+            attached = file_input_value(request["attached"], ids, self.message_files)
         while True:
             await self.health.wait_up()
             if self.rpm is not None:
@@ -412,7 +421,7 @@ class Scheduler:
                 raise RowNotStarted()
             try:
                 self.counters.requests += 1
-                result = await self._call(item, inputs, request["query"])
+                result = await self._call(item, inputs, request["query"], attached)
                 self.limit.on_success()
                 return result
             except RateLimitedError:
@@ -432,16 +441,17 @@ class Scheduler:
             # The request never reached the server: wait for it to come back; this is not the row's fault.
             await self.health.report_down(failure)
 
-    async def _call(self, item: KeyedRow, inputs: dict[str, Any], query: str) -> RunResult:
+    async def _call(self, item: KeyedRow, inputs: dict[str, Any], query: str, files: Any) -> RunResult:
         spec = self.spec
         on_started = self._on_started(item)
         if spec.app_type == "workflow":
             return await self.client.run_workflow(
-                inputs, spec.user, response_mode=spec.response_mode, workflow_id=spec.workflow_id, on_started=on_started
+                inputs, spec.user, response_mode=spec.response_mode, workflow_id=spec.workflow_id, files=files,
+                on_started=on_started,
             )
         if spec.app_type == "completion":
             return await self.client.completion(
-                inputs, spec.user, query=query, response_mode=spec.response_mode, on_started=on_started
+                inputs, spec.user, query=query, response_mode=spec.response_mode, files=files, on_started=on_started
             )
         conversation = self._conversation_key(item)
         conversation_id = self.store.conversation_id(conversation) if conversation is not None else None
@@ -449,7 +459,7 @@ class Scheduler:
             await self._check_conversation(conversation, conversation_id)
         result = await self.client.chat(
             query, spec.user, inputs=inputs, conversation_id=conversation_id, response_mode=spec.response_mode,
-            on_started=on_started,
+            files=files, on_started=on_started,
         )
         if conversation is not None and result.conversation_id and result.conversation_id != conversation_id:
             self.store.save_conversation(conversation, result.conversation_id)

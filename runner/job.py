@@ -22,7 +22,7 @@ from .errors import ConfigError, NotFoundError, OutputError, RunnerError
 from .executor import Progress, Scheduler, install_signal_handlers
 from .export import export_results
 from .inputs import TableReader, open_table
-from .mapping import resolve_mapping, row_problems
+from .mapping import message_files_def, resolve_mapping, row_problems
 from .models import AppParameters
 from .outputs import output_format
 from .plan import iter_keyed_batches, register_rows
@@ -136,6 +136,7 @@ def fingerprint(spec: JobSpec, mapping: dict[str, str], client: DifyClient) -> d
         "key_column": spec.key_column,
         "query_column": spec.query_column,
         "conversation_column": spec.conversation_column,
+        "files_column": spec.files_column,
         "workflow_id": spec.workflow_id,
     }
 
@@ -196,6 +197,13 @@ async def _run_job(
 
 
 def _mapping(spec: JobSpec, reader: TableReader, params: AppParameters) -> dict[str, str]:
+    if spec.files_column:
+        if spec.files_column not in reader.columns:
+            raise ConfigError(f"--files-column {spec.files_column}: column '{spec.files_column}' not found in "
+                              f"{spec.input}; columns are: {', '.join(reader.columns)}")
+        if message_files_def(params) is None:
+            raise ConfigError("--files-column: the app does not accept files with its messages (turn on "
+                              "'File upload' in the app's features in Dify)")
     return resolve_mapping(
         spec.mapping, reader.columns, params, app_type=spec.app_type, query_column=spec.query_column,
         conversation_column=spec.conversation_column, key_column=spec.key_column, input_name=str(spec.input),

@@ -401,6 +401,25 @@ def _check_size(item: str, file_type: str, size: int, limits: dict[str, int]) ->
         raise InputFileError(f"file too large: {item} is {mb}; the server accepts at most {limit_mb} MB for {what}")
 
 
+def message_files_def(params: AppParameters) -> InputDef | None:
+    """The app's message-file feature (`file_upload` in /parameters) as a file-list input; None when it is off.
+
+    Newer Dify lists allowed types and methods at the top level; older versions only have the `image` block.
+    """
+    feature = params.raw.get("file_upload") or {}
+    image = feature.get("image") or {}
+    if not (feature.get("enabled") or image.get("enabled")):
+        return None
+    types = feature.get("allowed_file_types") or (["image"] if image.get("enabled") else [])
+    methods = feature.get("allowed_file_upload_methods") or image.get("transfer_methods") or []
+    limit = feature.get("number_limits") or image.get("number_limits")
+    return InputDef(
+        variable="files", type="file-list", max_length=int(limit) if limit else None,
+        allowed_file_types=tuple(types), allowed_file_extensions=tuple(feature.get("allowed_file_extensions") or ()),
+        allowed_file_upload_methods=tuple(methods),
+    )
+
+
 def file_input_value(
     refs: list[FileRef], upload_ids: dict[str, str], input_def: InputDef
 ) -> dict[str, Any] | list[dict[str, Any]]:

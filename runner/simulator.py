@@ -166,6 +166,8 @@ class SimConfig:
     upload_limit_mb: int = 15
     # The real server keeps the connection open ~1 s after the terminal event; 0 closes at once.
     linger_after_terminal: float = 0.0
+    # The app's "file upload" feature (chat/completion message files), as /parameters reports it; None = off.
+    file_upload: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.latency = _to_latency(self.latency)
@@ -1406,13 +1408,14 @@ def _agent_thought(task: _Task) -> dict[str, Any]:
 def _parameters(cfg: SimConfig) -> dict[str, Any]:
     limit = cfg.upload_limit_mb
     image = {"enabled": False, "number_limits": 3, "detail": "high", "transfer_methods": ["remote_url", "local_file"]}
+    file_upload = cfg.file_upload if cfg.file_upload is not None else {"image": image}
     return {
         "opening_statement": "", "suggested_questions": [],
         "suggested_questions_after_answer": {"enabled": False}, "speech_to_text": {"enabled": False},
         "text_to_speech": {"enabled": False, "voice": "", "language": ""}, "retriever_resource": {"enabled": False},
         "annotation_reply": {"enabled": False}, "more_like_this": {"enabled": False},
         "sensitive_word_avoidance": {"enabled": False, "type": "", "configs": []},
-        "user_input_form": cfg.input_form, "file_upload": {"image": image},
+        "user_input_form": cfg.input_form, "file_upload": file_upload,
         "system_parameters": {"file_size_limit": limit, "image_file_size_limit": 10, "audio_file_size_limit": 50,
                               "video_file_size_limit": 100, "workflow_file_upload_limit": 10},
     }  # fmt: skip

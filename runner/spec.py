@@ -33,6 +33,7 @@ class JobSpec:
     key_column: str | None = None
     query_column: str | None = None
     conversation_column: str | None = None
+    files_column: str | None = None
     files_root: Path | None = None
     workflow_id: str | None = None
     concurrency: int = 8

@@ -190,3 +190,30 @@ def test_urls_file_lists_and_bad_paths(tmp_path: Path) -> None:
     assert "document" in out["wrong type"]["_error"]
     assert uploads == 2  # a.png and b.jpg, once each
     assert runs == 2  # bad rows cost no run
+
+
+def test_files_column_attaches_documents_to_chat_messages(tmp_path: Path) -> None:
+    (tmp_path / "contract.pdf").write_bytes(b"%PDF contract")
+    write_csv(tmp_path / "in.csv", ["q", "attachments"],
+              [["summarise it", "contract.pdf"], ["and this one?", "https://example.com/terms.pdf"], ["no file", ""]])
+    feature = {"enabled": True, "allowed_file_types": ["document"], "allowed_file_upload_methods":
+               ["local_file", "remote_url"], "number_limits": 2}
+    with start_server(app_mode="chat", input_form=CHAT_FORM, file_upload=feature) as srv:
+        result = invoke(*chat_args(srv, "--input", "in.csv", "--output", "out.csv", "--query-column", "q",
+                                   "--files-column", "attachments"))
+        assert srv.sim.count("/files/upload") == 1
+    assert result.exit_code == 0, result.output
+    out = read_csv(tmp_path / "out.csv")
+    assert out[0]["answer"] == chat_answer("summarise it", 1, {}, ["contract.pdf"])
+    assert out[1]["answer"] == chat_answer("and this one?", 1, {}, ["https://example.com/terms.pdf"])
+    assert out[2]["answer"] == chat_answer("no file", 1, {})
+
+
+def test_files_column_refused_when_the_app_takes_no_files(tmp_path: Path) -> None:
+    write_csv(tmp_path / "in.csv", ["q", "attachments"], [["hi", "a.pdf"]])
+    with start_server(app_mode="chat", input_form=CHAT_FORM) as srv:
+        result = invoke(*chat_args(srv, "--input", "in.csv", "--output", "out.csv", "--query-column", "q",
+                                   "--files-column", "attachments"))
+        assert srv.sim.count("/chat-messages") == 0
+    assert result.exit_code == 1
+    assert "Error: --files-column: the app does not accept files with its messages" in result.output
