@@ -61,7 +61,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", default="workflow")
     parser.add_argument("--linger", type=float, default=0.0, help="seconds a finished stream stays open")
-    parser.add_argument("--keep-records", action="store_true", help="keep every request record (memory grows)")
     args = parser.parse_args()
     config = SimConfig(app_mode=args.mode, latency=parse_latency(args.latency), max_active_requests=args.max_active,
                        seed=args.seed, linger_after_terminal=args.linger)

@@ -85,7 +85,8 @@ JOB_OPTIONS: list[Callable[..., Any]] = [
     click.option("--conversation-column", metavar="COL", help="Rows with the same value form one conversation (chat)."),
     click.option("--files-column", metavar="COL",
                  help="Files (paths or URLs, ';'-separated) attached to each message as `files` (app's file upload)."),
-    click.option("--files-root", type=click.Path(path_type=Path), help="Folder local file paths are relative to [input's folder]."),
+    click.option("--files-root", type=click.Path(path_type=Path),
+                 help="Folder local file paths are relative to [input's folder]."),
     click.option("--encoding", help="Input CSV/TSV encoding [detected: UTF-8, UTF-8-BOM, GBK/GB18030]."),
     click.option("--workflow-id", help="Run this published workflow version (POST /workflows/{id}/run)."),
     click.option("--user", help="Dify `user` field [dify-batch]."),
@@ -355,7 +356,7 @@ def demo(output_dir: Path, no_progress: bool, debug: bool) -> None:
 def inspect(base_url: str | None, api_key_env: str, input_path: Path | None, output_job: Path | None,
             debug: bool) -> None:
     """Show the app behind the key (mode and inputs) and optionally write a ready-to-edit job file."""
-    from .inspect import describe_app, job_file_text
+    from .inspect import describe_app, job_file_text, table_columns
 
     base = base_url or os.environ.get("DIFY_BASE_URL") or "http://localhost/v1"
     key = os.environ.get(api_key_env, "").strip()
@@ -367,7 +368,9 @@ def inspect(base_url: str | None, api_key_env: str, input_path: Path | None, out
     if output_job:
         if not output_job.parent.is_dir():
             raise RunnerError(f"folder does not exist: {output_job.parent}")
-        output_job.write_text(job_file_text(app, base, api_key_env, input_path), encoding="utf-8")
+        relative = Path(os.path.relpath(input_path.resolve(), output_job.resolve().parent)) if input_path else None
+        columns = table_columns(input_path) if input_path else []
+        output_job.write_text(job_file_text(app, base, api_key_env, relative, columns), encoding="utf-8")
         click.echo(f"Wrote {output_job}: edit it, then `dify-batch validate {output_job}`.")
 
 

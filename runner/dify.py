@@ -157,7 +157,7 @@ def _looks_html(response: httpx.Response) -> bool:
     return "html" in ctype or response.content[:200].lstrip()[:1] == b"<"
 
 
-def _transport_kind(exc: httpx.TransportError) -> tuple[str, str]:
+def _transport_kind(exc: httpx.RequestError) -> tuple[str, str]:
     """(code, reason) for an httpx transport failure; the aiohttp transport maps causes loosely, so read the cause."""
     cause = exc.__cause__
     if isinstance(cause, aiohttp.ClientConnectorError):
@@ -350,9 +350,11 @@ class DifyClient:
     async def chat(
         self, query: str, user: str, *, inputs: dict[str, Any] | None = None, conversation_id: str | None = None,
         response_mode: str = "streaming", files: list[Any] | None = None, on_started: OnStarted | None = None,
-        on_text: OnText | None = None,
+        on_text: OnText | None = None, auto_generate_name: bool = False,
     ) -> RunResult:
-        body: dict[str, Any] = {"query": query, "inputs": inputs or {}, "user": user}
+        """`auto_generate_name` is off by default: Dify would spend one extra LLM call per new conversation on it."""
+        body: dict[str, Any] = {"query": query, "inputs": inputs or {}, "user": user,
+                                "auto_generate_name": auto_generate_name}
         if conversation_id:
             body["conversation_id"] = conversation_id
         if files is not None:
@@ -531,7 +533,7 @@ class DifyClient:
             return "eof" if started else "closed_unstarted"  # the real server ends a hidden rejection so, in time
         except TimeoutError:
             return "stalled" if started else "not_started"
-        except httpx.TransportError:
+        except (httpx.TransportError, httpx.DecodingError):
             return "dropped"
 
     def _release_later(self, response: httpx.Response, chunks: AsyncIterator[bytes]) -> None:
@@ -584,17 +586,15 @@ class DifyClient:
         """A chat stream that never starts often means an unknown conversation (Dify hides the 404 when streaming):
         ask the read-only `GET /messages`, which states it, and raise that instead of a vague "never started"."""
         try:
-            await self._send("GET", "/messages", params={"conversation_id": conversation_id, "user": user, "limit": 1})
-        except NotFoundError as exc:
-            if exc.code != "conversation_not_exists":
-                return
+            exists = await self.conversation_exists(conversation_id, user)
+        except DifyError:
+            return  # could not tell: report the stream that never started
+        if not exists:
             raise NotFoundError(
                 f"404 conversation_not_exists from {url}: Conversation Not Exists. (conversation {conversation_id}, "
                 f"user {user!r}; asked GET /messages because the stream never started)",
                 status=404, code="conversation_not_exists", url=url,
-            ) from exc
-        except DifyError:
-            return  # could not tell: report the stream that never started
+            )
 
     def _event_error(self, event: dict[str, Any], url: str, run_id: str | None, task_id: str | None) -> DifyError:
         status = to_int(event.get("status")) or 500
@@ -625,7 +625,7 @@ class DifyClient:
     def _transport_errors(self, path: str) -> Iterator[None]:
         try:
             yield
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # transport failures, and a body that cannot be decoded
             code, reason = _transport_kind(exc)
             if code == "connect":
                 message = f"cannot connect to {self._display_base}: {reason}"

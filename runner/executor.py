@@ -28,7 +28,7 @@ from .errors import (
     StreamInterruptedError,
     TransportError,
 )
-from .mapping import build_inputs, is_empty, message_files_def, file_input_value, parse_file_cell, row_problems, sha256_file
+from .mapping import build_inputs, file_input_value, is_empty, message_files_def, parse_file_cell, row_problems, sha256_file
 from .models import AppParameters, RunResult
 from .plan import KeyedRow, iter_keyed_batches
 from .retry import AdaptiveLimit, RateLimiter, backoff_delay, is_fatal_for_job, retry_policy

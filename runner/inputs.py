@@ -75,7 +75,7 @@ def count_rows(reader: TableReader) -> int:
     """Number of data rows: Parquet from its metadata, JSONL from the scan at open, others by streaming the file."""
     if reader._row_count is not None:
         return reader._row_count
-    if reader.format in ("csv", "tsv"):
+    if reader.format in ("csv", "tsv") and _arrow_reads(reader):
         with _csv_errors(reader):
             reader._row_count = sum(rb.num_rows for rb in _csv_stream(reader.path, reader))
     else:
@@ -182,26 +182,57 @@ def _rebatch(record_batches: Iterable[pa.RecordBatch], batch_rows: int) -> Itera
 
 def _open_csv(p: Path, fmt: str, encoding: str | None) -> TableReader:
     reader = TableReader(p, fmt, [], encoding or detect_encoding(p), has_bom=_has_bom(p))
-    with _csv_errors(reader):
-        columns = list(_csv_stream(p, reader, typed=False).schema.names)
-        _check_columns(p, columns)
-        reader.columns = columns
-        if not any(rb.num_rows for rb in _csv_stream(p, reader)):
-            raise _no_rows(p)
+    if _arrow_reads(reader):
+        with _csv_errors(reader):
+            reader.columns = list(_csv_stream(p, reader, typed=False).schema.names)
+            _check_columns(p, reader.columns)
+            has_rows = any(rb.num_rows for rb in _csv_stream(p, reader))
+    else:
+        with _text_errors(reader):
+            records = _text_records(reader)
+            reader.columns = next(records, (0, []))[1]
+            if not reader.columns:
+                raise InputFileError(f"input file is empty (no header row): {p}")
+            _check_columns(p, reader.columns)
+            has_rows = next(records, None) is not None
+            records.close()
+    if not has_rows:
+        raise _no_rows(p)
     return reader
 
 
+def _arrow_reads(reader: TableReader) -> bool:
+    # pyarrow parses UTF-8 natively. Its transcoding of other encodings runs a Python codec on a reader thread and can
+    # hang or abort the interpreter when a stream is dropped unfinished (apache/arrow#43892), so those files go
+    # through the csv module instead.
+    return reader.encoding in ("utf-8", "utf-8-sig")
+
+
+def _csv_batches(reader: TableReader, batch_rows: int) -> Iterator[list[Row]]:
+    if _arrow_reads(reader):
+        with _csv_errors(reader):
+            yield from _rebatch(_csv_stream(reader.path, reader), batch_rows)
+        return
+    with _text_errors(reader):
+        batch: list[Row] = []
+        for row in _text_rows(reader):
+            batch.append(row)
+            if len(batch) == batch_rows:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
 def _csv_stream(p: Path, reader: TableReader, *, typed: bool = True) -> pa_csv.CSVStreamingReader:
-    encoding = "utf8" if reader.encoding in ("utf-8", "utf-8-sig") else reader.encoding  # pyarrow strips the BOM
-    read = pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES, encoding=encoding)
-    parse = pa_csv.ParseOptions(delimiter="\t" if reader.format == "tsv" else ",", newlines_in_values=True)
+    read = pa_csv.ReadOptions(block_size=CSV_BLOCK_BYTES)  # UTF-8; pyarrow skips a BOM itself
+    parse = pa_csv.ParseOptions(delimiter=_delimiter(reader), newlines_in_values=True)
     convert = pa_csv.ConvertOptions(column_types=dict.fromkeys(reader.columns, pa.string()) if typed else None)
     return pa_csv.open_csv(p, read_options=read, parse_options=parse, convert_options=convert)
 
 
-def _csv_batches(reader: TableReader, batch_rows: int) -> Iterator[list[Row]]:
-    with _csv_errors(reader):
-        yield from _rebatch(_csv_stream(reader.path, reader), batch_rows)
+def _delimiter(reader: TableReader) -> str:
+    return "\t" if reader.format == "tsv" else ","
 
 
 @contextmanager
@@ -209,7 +240,7 @@ def _csv_errors(reader: TableReader) -> Iterator[None]:
     """Turns pyarrow's CSV errors (which carry no line numbers) into InputFileError naming the line."""
     try:
         yield
-    except (UnicodeDecodeError, pa.ArrowInvalid) as exc:
+    except pa.ArrowInvalid as exc:
         raise _csv_error(reader, exc) from exc
 
 
@@ -228,25 +259,53 @@ def _csv_error(reader: TableReader, exc: BaseException) -> InputFileError:
         return InputFileError(
             f'{p}: a quoted field never ends (unbalanced ") or one row is larger than {CSV_BLOCK_BYTES >> 20} MB'
         )
-    if isinstance(exc, UnicodeDecodeError) or "invalid UTF8" in text:
+    if "invalid UTF8" in text:
         return _decode_error(reader)
     return InputFileError(f"{p}: cannot parse as {reader.format.upper()} ({text})")
 
 
 def _find_ragged_line(reader: TableReader, expected: int) -> tuple[int, int] | None:
     """(first line, field count) of the first record whose field count differs from the header's."""
-    delimiter = "\t" if reader.format == "tsv" else ","
     try:
-        with open(reader.path, encoding=reader.encoding, errors="replace", newline="") as f:
-            records = csv.reader(f, delimiter=delimiter)
-            next_line = 1
-            for record in records:
-                start, next_line = next_line, records.line_num + 1
-                if record and len(record) != expected:
-                    return start, len(record)
+        for line, record in _text_records(reader, errors="replace"):
+            if len(record) != expected:
+                return line, len(record)
     except csv.Error:
-        return None  # e.g. a field over the csv module's size limit: fall back to pyarrow's text
+        return None  # the csv module disagrees with pyarrow on this file: fall back to pyarrow's text
     return None
+
+
+def _text_records(reader: TableReader, errors: str = "strict") -> Generator[tuple[int, list[str]], None, None]:
+    """(first line, fields) of each non-blank record, parsed by the csv module in the file's encoding."""
+    # Let one field be as large as pyarrow allows; the limit is process-wide but only ever raised here.
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_BLOCK_BYTES))
+    with open(reader.path, encoding=reader.encoding, errors=errors, newline="") as f:
+        records = csv.reader(f, delimiter=_delimiter(reader))
+        next_line = 1
+        for record in records:
+            start, next_line = next_line, records.line_num + 1
+            if record:
+                yield start, record
+
+
+def _text_rows(reader: TableReader) -> Iterator[Row]:
+    records = _text_records(reader)
+    next(records, None)  # the header
+    width = len(reader.columns)
+    for line, record in records:
+        if len(record) != width:
+            raise InputFileError(f"{reader.path} line {line}: expected {width} fields, found {len(record)}")
+        yield dict(zip(reader.columns, record, strict=True))
+
+
+@contextmanager
+def _text_errors(reader: TableReader) -> Iterator[None]:
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise _decode_error(reader) from exc
+    except csv.Error as exc:
+        raise InputFileError(f"{reader.path}: cannot parse as {reader.format.upper()} ({exc})") from exc
 
 
 def _decode_error(reader: TableReader) -> InputFileError:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .dify import DifyClient
-from .errors import NotFoundError, RunnerError
+from .errors import NotFoundError
 from .models import AppParameters, InputDef
 
 MODE_TO_APP_TYPE = {"workflow": "workflow", "completion": "completion", "chat": "chat", "advanced-chat": "chat",
@@ -69,6 +69,9 @@ def guess_mapping(inputs: tuple[InputDef, ...], columns: list[str]) -> dict[str,
         if match is None:
             close = difflib.get_close_matches(_norm(item.variable), list(normal), n=1, cutoff=0.6)
             match = normal[close[0]] if close else None
+        if match is None:  # product_name <- name, text <- input_text
+            parts = [c for n, c in normal.items() if n and (n in _norm(item.variable) or _norm(item.variable) in n)]
+            match = max(parts, key=len) if parts else None
         guessed[item.variable] = match
     return guessed
 
@@ -77,13 +80,15 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "").replace("-", "").replace(" ", "")
 
 
-def job_file_text(app: AppDescription, base_url: str, api_key_env: str, input_path: Path | None) -> str:
-    columns = _columns(input_path) if input_path else []
+def job_file_text(
+    app: AppDescription, base_url: str, api_key_env: str, input_path: Path | None, columns: list[str]
+) -> str:
+    """A commented job file; `input_path` as it should be written (relative to the job file's folder)."""
     mapping = guess_mapping(app.params.inputs, columns)
     lines = [
         f"# Job file for {app.name or 'the app'} ({app.mode or 'unknown'} app) written by `dify-batch inspect`.",
         "# Paths are relative to this file's folder. The API key is read from the environment, never from here.",
-        f"input = {json.dumps(str(input_path.resolve()) if input_path else 'data.csv')}",
+        f"input = {json.dumps(input_path.as_posix() if input_path else 'data.csv')}",
         'output = "out.csv"',
         f"base_url = {json.dumps(base_url)}",
         f"api_key_env = {json.dumps(api_key_env)}",
@@ -102,12 +107,7 @@ def job_file_text(app: AppDescription, base_url: str, api_key_env: str, input_pa
     return "\n".join(lines) + "\n"
 
 
-def _columns(path: Path) -> list[str]:
+def table_columns(path: Path) -> list[str]:
     from .inputs import open_table
 
-    try:
-        return list(open_table(path).columns)
-    except RunnerError:
-        raise
-    except Exception as exc:  # pragma: no cover - open_table maps its own errors
-        raise RunnerError(f"cannot read {path}: {exc}") from exc
+    return list(open_table(path).columns)

@@ -36,7 +36,7 @@ Row = dict[str, Any]
 
 
 def output_format(path: str | Path) -> str:
-    """ "csv" | "tsv" | "parquet" | "jsonl" | "xlsx" from the file extension."""
+    """The format name ("csv", "tsv", "parquet", "jsonl" or "xlsx") from the file extension."""
     ext = Path(path).suffix.lower()
     if ext not in OUTPUT_FORMATS:
         shown = repr(ext) if ext else "(none)"
@@ -219,9 +219,7 @@ class TableWriter:
     def __enter__(self) -> TableWriter:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is None:
             self.commit()
         else:
@@ -298,7 +296,7 @@ def _os_message(path: Path, exc: OSError) -> str:
     if exc.errno == errno.ENOSPC:
         return f"disk full while writing {path}"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return f"permission denied writing {path} (is it open in another program?)"
+        return f"permission denied writing {path}"
     return f"cannot write {path}: {exc.strerror or exc}"
 
 

@@ -99,7 +99,7 @@ def _normalise_job_dict(data: dict[str, Any], path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: [map] must be a table of input = \"column\" strings")
     for name in PATH_FIELDS:
         if isinstance(values.get(name), str):
-            values[name] = path.parent / values[name]
+            values[name] = Path(os.path.normpath(path.parent / values[name]))
     return values
 
 

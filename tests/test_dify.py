@@ -588,10 +588,21 @@ def test_stream_that_never_starts_is_a_permanent_error() -> None:
     assert [r.method for r in recorder.requests] == ["POST"]  # nothing to look up
 
 
-def test_eof_before_any_frame_is_stream_interrupted_without_run_id() -> None:
-    with pytest.raises(StreamInterruptedError) as caught:
+def test_server_closing_the_stream_before_the_run_started_is_the_same_permanent_error() -> None:
+    with pytest.raises(BadRequestError) as caught:  # what the real server does after its 300 s, sooner here
         call(Recorder(sse([PING])), "run_workflow", {}, "u")
-    assert caught.value.run_id is None and caught.value.code == "stream_eof"
+    assert caught.value.code == "stream_not_started" and "closed by the server" in str(caught.value)
+
+
+def test_connection_dropped_before_any_frame_is_stream_interrupted_without_run_id() -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield PING
+        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    answer = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=broken())
+    with pytest.raises(StreamInterruptedError) as caught:
+        call(Recorder(answer), "run_workflow", {}, "u")
+    assert caught.value.run_id is None and caught.value.code == "stream_dropped"
 
 
 def test_json_answer_to_a_streaming_request_is_parsed_as_blocking() -> None:
@@ -661,8 +672,8 @@ def test_blocking_chat_result() -> None:
     assert (result.conversation_id, result.message_id, result.task_id) == ("c-1", "m-1", TASK_ID)
     assert result.total_tokens == 15 and result.total_price == pytest.approx(0.00003) and result.currency == "USD"
     assert result.usage == USAGE and result.retriever_resources == RESOURCES and result.elapsed_s == 1.25
-    assert recorder.bodies[0] == {"query": "hi", "inputs": {"a": 1}, "user": "u", "conversation_id": "c-1",
-                                  "response_mode": "blocking"}
+    assert recorder.bodies[0] == {"query": "hi", "inputs": {"a": 1}, "user": "u", "auto_generate_name": False,
+                                  "conversation_id": "c-1", "response_mode": "blocking"}
     assert seen == [{"conversation_id": "c-1", "message_id": "m-1", "task_id": TASK_ID}]
 
 
@@ -720,6 +731,59 @@ def test_chat_stall_after_start_is_stream_interrupted() -> None:
         call(Recorder(sse([frame(msg("message", answer="Hal"))], tail=pings_forever)), "chat", "hi", "u",
              client_kwargs={"stall_timeout": 0.2})
     assert caught.value.code == "stream_stalled"
+
+
+def test_chat_stream_that_never_starts_asks_whether_the_conversation_exists() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return sse([PING])  # Dify hides the 404 of an unknown conversation when streaming
+        assert request.url.path == "/v1/messages"
+        assert dict(request.url.params) == {"conversation_id": "c-gone", "user": "alice", "limit": "1"}
+        return dify_error(404, "not_found", "Conversation Not Exists.")
+
+    with pytest.raises(NotFoundError) as caught:
+        call(handler, "chat", "hi", "alice", conversation_id="c-gone")
+    assert caught.value.code == "conversation_not_exists" and caught.value.url == f"{BASE}/chat-messages"
+    assert "Conversation Not Exists." in str(caught.value)
+
+
+def test_chat_stream_that_never_starts_with_a_known_conversation_is_stream_not_started() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            return sse([PING])
+        return httpx.Response(200, json={"limit": 1, "has_more": False, "data": [{"id": "m"}]})
+
+    with pytest.raises(BadRequestError) as caught:
+        call(handler, "chat", "hi", "alice", conversation_id="c-1")
+    assert caught.value.code == "stream_not_started"
+
+
+def test_on_text_gets_streamed_chunks_and_a_blocking_answer_whole() -> None:
+    frames = [frame(msg("message", answer="Hel")), frame(msg("message", answer="lo")),
+              frame(msg("message_end", metadata={}))]
+    chunks: list[str] = []
+    call(Recorder(sse(frames)), "chat", "hi", "u", on_text=chunks.append)
+    assert chunks == ["Hel", "lo"]
+    blocking = {"event": "message", "message_id": "m", "answer": "Whole", "metadata": {}}
+    chunks.clear()
+    call(Recorder(httpx.Response(200, json=blocking)), "completion", {}, "u", response_mode="blocking",
+         on_text=chunks.append)
+    assert chunks == ["Whole"]
+
+
+@pytest.mark.parametrize(("answer", "exists"), [
+    (httpx.Response(200, json={"limit": 1, "has_more": False, "data": []}), True),
+    (dify_error(404, "not_found", "Conversation Not Exists."), False),
+])
+def test_conversation_exists(answer: httpx.Response, exists: bool) -> None:
+    assert call(Recorder(answer), "conversation_exists", "c-1", "u") is exists
+
+
+def test_conversation_exists_on_a_server_without_the_route_raises() -> None:
+    with pytest.raises(NotFoundError) as caught:
+        call(Recorder(dify_error(404, "not_found", "The requested URL was not found on the server.")),
+             "conversation_exists", "c-1", "u")
+    assert caught.value.code == "route_not_found"
 
 
 @pytest.mark.parametrize("refusal", [

@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +101,30 @@ def test_explicit_encoding_overrides_detection(tmp_path: Path) -> None:
     reader = open_table(path, encoding="GBK")
     assert reader.encoding == "gbk"
     assert read_all(path, encoding="GBK") == [{"名字": "张三"}]
+
+
+def test_utf16_csv_with_bom_is_read(tmp_path: Path) -> None:
+    path = write_text(tmp_path / "u16.csv", "名字,n\n张三,007\n", "utf-16")
+    reader = open_table(path)
+    assert (reader.encoding, reader.has_bom, reader.columns) == ("utf-16", True, ["名字", "n"])
+    assert read_all(path) == [{"名字": "张三", "n": "007"}]
+
+
+def test_gbk_csv_keeps_quotes_newlines_and_batches_in_order(tmp_path: Path) -> None:
+    body = "".join(f'{i:05d},"第{i}行, ""引号""\n换行"\n' for i in range(12_000))
+    path = write_text(tmp_path / "gbk.csv", "编号,内容\n" + body, "gbk")
+    batches = list(open_table(path).iter_batches())
+    assert [len(b) for b in batches] == [5000, 5000, 2000]
+    assert batches[2][-1] == {"编号": "11999", "内容": '第11999行, "引号"\n换行'}
+
+
+def test_dropping_a_gbk_reader_midway_lets_python_exit(tmp_path: Path) -> None:
+    # pyarrow's own transcoding hangs or aborts the interpreter here (apache/arrow#43892); we must not use it.
+    path = write_text(tmp_path / "gbk.csv", "名字\n" + "张三\n" * 200_000, "gbk")
+    code = f"from runner.inputs import open_table; next(open_table({str(path)!r}).iter_batches())"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_latin1_csv_falls_back_to_charset_normalizer(tmp_path: Path) -> None:
@@ -315,6 +342,18 @@ def test_ragged_csv_row_names_its_line(tmp_path: Path) -> None:
     assert error_of(path) == f"{path} line 7: expected 3 fields, found 4"
 
 
+def test_ragged_gbk_row_names_its_line(tmp_path: Path) -> None:
+    path = write_text(tmp_path / "r.csv", '名字,城市\n张三,北京\n"多\n行",上海\n李四\n', "gbk")
+    assert error_of(path) == f"{path} line 5: expected 2 fields, found 1"
+
+
+def test_header_only_gbk_csv_is_reported_at_open(tmp_path: Path) -> None:
+    path = write_text(tmp_path / "h.csv", "名字,城市\n", "gbk")
+    with pytest.raises(InputFileError) as info:
+        open_table(path, encoding="gbk")
+    assert str(info.value) == f"{path}: header only, no data rows"
+
+
 def test_short_tsv_row_names_its_line(tmp_path: Path) -> None:
     path = write_text(tmp_path / "r.tsv", "a\tb\n1\t2\n3\n")
     assert error_of(path) == f"{path} line 3: expected 2 fields, found 1"
@@ -338,9 +377,7 @@ def test_unbalanced_quote_is_reported(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_undecodable_bytes_with_explicit_encoding_name_the_line(tmp_path: Path) -> None:
     path = write_bytes(tmp_path / "bad.csv", b"a,b\n1,2\n3,\xff\xfe\n")
-    assert error_of(path, encoding="utf-8") == (
-        f"{path} line 3: cannot decode byte 0xff as utf-8; give the right encoding"
-    )
+    assert error_of(path, encoding="utf-8") == (f"{path} line 3: cannot decode byte 0xff as utf-8; give the right encoding")
 
 
 def test_undecodable_gbk_bytes_name_the_line(tmp_path: Path) -> None:
