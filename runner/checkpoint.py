@@ -226,11 +226,13 @@ class Checkpoint:
                 found.update(self._conn.execute(sql, chunk).fetchall())
         return found
 
-    def get_rows(self, keys: Sequence[str]) -> dict[str, RowState]:
+    def get_rows(self, keys: Sequence[str], *, with_outputs: bool = True) -> dict[str, RowState]:
+        """Row states by key; `with_outputs=False` skips decoding outputs (the scheduler only needs status and ids)."""
         found: dict[str, RowState] = {}
+        columns = _ROW_COLUMNS if with_outputs else _ROW_COLUMNS.replace("outputs,", "NULL,", 1)
         with self._lock:
             for chunk in _chunks(keys):
-                sql = f"SELECT {_ROW_COLUMNS} FROM job_rows WHERE key IN ({','.join('?' * len(chunk))})"
+                sql = f"SELECT {columns} FROM job_rows WHERE key IN ({','.join('?' * len(chunk))})"
                 found.update((row[0], _row_state(row)) for row in self._conn.execute(sql, chunk))
         return found
 

@@ -233,7 +233,7 @@ class Scheduler:
             raise self.fatal
 
     async def _schedule_batch(self, batch: list[KeyedRow], ready: bool) -> bool:
-        states = self.store.get_rows([item.key for item in batch])
+        states = self.store.get_rows([item.key for item in batch], with_outputs=False)
         for item in batch:
             state = states[item.key]
             if state.row_index != item.index:
