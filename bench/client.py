@@ -29,13 +29,13 @@ class Phase:
         if self.bar is not None:
             self.bar.start(rows, todo)
         self.start_wall, self.start_cpu = time.monotonic(), time.process_time()
-        self.end_wall, self.end_cpu = self.start_wall, self.start_cpu
 
     def on_progress(self, progress: Any) -> None:
         if self.bar is not None:
             self.bar.update(progress)
         self.done = progress.done
-        self.end_wall, self.end_cpu = time.monotonic(), time.process_time()
+        if self.done >= self.todo:  # read the CPU clock once, at the last row: it is not free under load
+            self.end_wall, self.end_cpu = time.monotonic(), time.process_time()
 
 
 def parse_args() -> argparse.Namespace:
@@ -80,6 +80,8 @@ def main() -> None:
         profiler.dump_stats(args.profile)
     if bar is not None:
         bar.close()
+    if phase.done < phase.todo or not phase.end_wall:  # stopped early: the phase ends with run_job
+        phase.end_wall, phase.end_cpu = time.monotonic(), time.process_time()
     print(json.dumps({
         "rows": phase.todo, "done": phase.done,
         "phase_wall_s": phase.end_wall - phase.start_wall, "phase_cpu_s": phase.end_cpu - phase.start_cpu,

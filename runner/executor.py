@@ -201,6 +201,7 @@ class Scheduler:
     clock: Callable[[], float] = time.monotonic
     counters: Counters = field(default_factory=Counters)
     stop_reason: str | None = None
+    grace_s: float = 30.0
 
     def __post_init__(self) -> None:
         self.limit = AdaptiveLimit(self.spec.concurrency)
@@ -211,6 +212,7 @@ class Scheduler:
         self.chains: dict[str, asyncio.Task[None]] = {}
         self.uploads: dict[tuple[str, str], asyncio.Future[str]] = {}
         self.message_files = message_files_def(self.params)
+        self.end_user_ready = False
         self.verified: dict[str, bool] = {}  # conversation key -> still exists on the server
         self.fatal: BaseException | None = None
         self.health = ServerHealth(self.client, self.spec.max_down, self.sleep, self.clock)
@@ -220,12 +222,11 @@ class Scheduler:
 
     async def run(self, todo: int) -> None:
         self.counters.todo = todo
-        ready = self.store.meta(f"end_user:{self.spec.user}") == "1"
+        self.end_user_ready = self.store.meta(f"end_user:{self.spec.user}") == "1"
         try:
             for batch in iter_keyed_batches(self.reader, self.spec, self.mapping):
-                if not await self._schedule_batch(batch, ready):
+                if not await self._schedule_batch(batch, self.end_user_ready):
                     break
-                ready = ready or self.store.meta(f"end_user:{self.spec.user}") == "1"
             await self._drain()
         finally:
             await asyncio.to_thread(self.writer.close)
@@ -249,7 +250,7 @@ class Scheduler:
             if not ready:
                 # Real Dify creates end users without a uniqueness check: let the first request for this `user` finish alone.
                 await asyncio.wait([task])
-                ready = True
+                ready = self.end_user_ready
         return True
 
     def _spawn(self, item: KeyedRow, state: RowState) -> asyncio.Task[None]:
@@ -280,6 +281,9 @@ class Scheduler:
             return
         self.stop_reason = reason
         self.stopping.set()
+        # Rows in flight get a grace period to finish; after that they are cancelled. A cancelled streaming row keeps
+        # its run id in the checkpoint and is looked up (not re-sent) by the next run.
+        asyncio.get_running_loop().call_later(self.grace_s, self.cancel_in_flight)
 
     def cancel_in_flight(self) -> None:
         for task in list(self.tasks):
@@ -308,12 +312,14 @@ class Scheduler:
             return
         except RowNotStarted:
             return
-        self.store_end_user_ready()
+        if final.status == "succeeded" or final.http_status is not None:
+            self.store_end_user_ready()  # a request reached the server, so it has created the end user
         await self.writer.save(final)
         self._count(final)
 
     def store_end_user_ready(self) -> None:
-        if self.store.meta(f"end_user:{self.spec.user}") != "1":
+        if not self.end_user_ready:
+            self.end_user_ready = True
             self.store.set_meta(f"end_user:{self.spec.user}", "1")
 
     def _count(self, final: RowState) -> None:

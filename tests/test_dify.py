@@ -893,7 +893,8 @@ def _counting_transport(opened: list[int]) -> httpx.AsyncBaseTransport:
 @pytest.fixture(scope="module")
 def sim_server() -> Any:
     config = simulator.SimConfig(latency="0.05", ping_interval=0.05, faults=[
-        simulator.FaultRule("drop_stream", match="DROP-ME"), simulator.FaultRule("error_event", match="ERROR-ME")])
+        simulator.FaultRule("drop_stream", match="DROP-ME"), simulator.FaultRule("error_event", match="ERROR-ME"),
+        simulator.FaultRule("stall_midrun", match="STALL-MID"), simulator.FaultRule("stall", match="STALL-START")])
     with simulator.SimulatorServer(config) as server:
         yield server
 
@@ -920,6 +921,19 @@ def test_simulator_dropped_stream_is_recovered_with_one_post(sim_server: Any) ->
     result = asyncio.run(go())
     assert result.ok and result.recovered and result.workflow_run_id
     assert sim_server.sim.runs_for("DROP-ME 1") == 1
+
+
+def test_simulator_stalls_mid_run_and_before_start(sim_server: Any) -> None:
+    async def go(text: str, start_timeout: float, stall_timeout: float) -> Any:
+        async with DifyClient(sim_server.url, sim_server.sim.config.api_key, poll_interval=0.05,
+                              stall_timeout=stall_timeout, start_timeout=start_timeout) as client:
+            return await client.run_workflow({"text": text}, "sim-user")
+
+    result = asyncio.run(go("row STALL-MID", 10, 0.3))  # pings keep coming, events do not: look the run up
+    assert result.ok and result.recovered and sim_server.sim.runs_for("STALL-MID") == 1
+    with pytest.raises(BadRequestError) as caught:
+        asyncio.run(go("row STALL-START", 0.3, 10))
+    assert caught.value.code == "stream_not_started" and sim_server.sim.runs_for("STALL-START") == 1
 
 
 def test_simulator_error_event_is_provider_error(sim_server: Any) -> None:
