@@ -28,6 +28,12 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = [
+    "RunnerError", "UsageError", "ConfigError", "InputFileError", "OutputError", "StateError", "DifyError",
+    "TransportError", "NotDifyError", "AuthError", "ForbiddenError", "NotFoundError", "BadRequestError", "ProviderError",
+    "RateLimitedError", "QuotaExceededError", "UploadError", "ServerError", "RunFailedError", "StreamInterruptedError",
+]  # fmt: skip
+
 
 class RunnerError(Exception):
     """Root of every error dify-batch raises on purpose."""
