@@ -522,12 +522,19 @@ class DifyClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.start_timeout) as deadline:
+                # A workflow whose stream goes quiet is looked up by run id, so only payload frames count as life.
+                # A chat/completion message cannot be looked up (a re-post is a second billed message): once it has
+                # started, keep-alive pings count as life too.
+                # `timeout` still bounds such a stream as a whole, so pings forever cannot hang the job.
+                pings_count = isinstance(events, MessageEvents)
+                hard_end = loop.time() + self.timeout
                 async for chunk in chunks:
                     frames = decoder.feed(chunk)
-                    if frames:  # pings and partial frames do not move the deadline
-                        deadline.reschedule(loop.time() + self.stall_timeout)
-                        if take(frames):
-                            return "done"
+                    if frames or (pings_count and started and chunk):
+                        later = loop.time() + self.stall_timeout
+                        deadline.reschedule(min(later, hard_end) if pings_count else later)
+                    if frames and take(frames):
+                        return "done"
             if take(decoder.flush()):
                 return "done"
             return "eof" if started else "closed_unstarted"  # the real server ends a hidden rejection so, in time

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -726,11 +727,22 @@ def test_chat_stream_cut_before_message_end_is_stream_interrupted_with_partial_a
     assert caught.value.result.conversation_id == "c-1"
 
 
-def test_chat_stall_after_start_is_stream_interrupted() -> None:
+def test_chat_silent_after_start_is_stream_interrupted() -> None:
     with pytest.raises(StreamInterruptedError) as caught:
-        call(Recorder(sse([frame(msg("message", answer="Hal"))], tail=pings_forever)), "chat", "hi", "u",
+        call(Recorder(sse([frame(msg("message", answer="Hal"))], tail=silence)), "chat", "hi", "u",
              client_kwargs={"stall_timeout": 0.2})
     assert caught.value.code == "stream_stalled"
+
+
+def test_chat_pinging_after_start_is_alive_until_the_request_timeout() -> None:
+    # A message cannot be looked up, so a stream that still pings is not cut at stall_timeout (a re-post would bill
+    # twice); the request timeout bounds it.
+    started = time.monotonic()
+    with pytest.raises(StreamInterruptedError) as caught:
+        call(Recorder(sse([frame(msg("message", answer="Hal"))], tail=pings_forever)), "chat", "hi", "u",
+             client_kwargs={"stall_timeout": 0.1, "timeout": 0.6})
+    assert caught.value.code == "stream_stalled"
+    assert time.monotonic() - started >= 0.5
 
 
 def test_chat_stream_that_never_starts_asks_whether_the_conversation_exists() -> None:
