@@ -407,16 +407,7 @@ class Scheduler:
         raise AssertionError("unreachable: tenacity either returns or re-raises")
 
     async def _send(self, item: KeyedRow, request: dict[str, Any]) -> RunResult:
-        inputs = dict(request["inputs"])
-        for var, refs in request["files"].items():
-            definition = self.params.get(var)
-            assert definition is not None
-            ids = {ref.value: await self._upload(ref.value) for ref in refs if ref.kind == "local"}
-            inputs[var] = file_input_value(refs, ids, definition)
-        attached = None
-        if request["attached"] and self.message_files is not None:
-            ids = {ref.value: await self._upload(ref.value) for ref in request["attached"] if ref.kind == "local"}
-            attached = file_input_value(request["attached"], ids, self.message_files)
+        inputs, attached = await self._with_files(request)
         while True:
             await self.health.wait_up()
             if self.rpm is not None:
@@ -425,6 +416,7 @@ class Scheduler:
             if self.stopping.is_set():
                 self.limit.release()
                 raise RowNotStarted()
+            lost_run: str | None = None
             try:
                 self.counters.requests += 1
                 result = await self._call(item, inputs, request["query"], attached)
@@ -438,14 +430,44 @@ class Scheduler:
                 if not _is_connect_error(exc):
                     raise
                 failure = exc
+            except StreamInterruptedError as exc:
+                # The stream broke and the lookup of its run could not connect: the server went down mid-run.
+                if not (exc.run_id and isinstance(exc.__cause__, TransportError) and _is_connect_error(exc.__cause__)):
+                    raise
+                failure, lost_run = exc.__cause__, exc.run_id
             except DifyError as exc:
                 if is_fatal_for_job(exc):
                     raise JobAborted(exc) from exc
                 raise
             finally:
                 self.limit.release()
-            # The request never reached the server: wait for it to come back; this is not the row's fault.
+            # The server is unreachable: wait for it to come back; this is not the row's fault.
             await self.health.report_down(failure)
+            if lost_run is not None:
+                return await self._look_up_after_outage(lost_run)
+
+    async def _look_up_after_outage(self, run_id: str) -> RunResult:
+        """The run was accepted before the outage: look it up rather than paying for it again."""
+        result = await self.client.wait_for_workflow_run(run_id)
+        if result.status == "running":
+            raise StreamInterruptedError(f"run {run_id} was still running after the server came back", status=200,
+                                         code="still_running", run_id=run_id)
+        self.counters.recovered += 1
+        return result
+
+    async def _with_files(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The row's inputs with file values (local files uploaded once), and the message attachments."""
+        inputs = dict(request["inputs"])
+        for var, refs in request["files"].items():
+            definition = self.params.get(var)
+            assert definition is not None
+            ids = {ref.value: await self._upload(ref.value) for ref in refs if ref.kind == "local"}
+            inputs[var] = file_input_value(refs, ids, definition)
+        attached = None
+        if request["attached"] and self.message_files is not None:
+            ids = {ref.value: await self._upload(ref.value) for ref in request["attached"] if ref.kind == "local"}
+            attached = file_input_value(request["attached"], ids, self.message_files)
+        return inputs, attached
 
     async def _call(self, item: KeyedRow, inputs: dict[str, Any], query: str, files: Any) -> RunResult:
         spec = self.spec
