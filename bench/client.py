@@ -49,7 +49,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--progress", action="store_true", help="drive the CLI's tqdm bar (forced on)")
     parser.add_argument("--profile", type=Path, help="write cProfile stats of the whole run here")
+    parser.add_argument("--commit-delay", type=float, default=0.0,
+                        help="hold the checkpoint connection this many extra seconds per commit (a slow disk's fsync)")
     return parser.parse_args()
+
+
+def slow_commits(delay: float) -> None:
+    """Make every checkpoint commit hold the connection `delay` s longer, as a slow (network) disk's fsync would."""
+    from runner.checkpoint import Checkpoint
+
+    original = Checkpoint.apply_batch
+
+    def apply_batch(self: Any, started: Any, states: Any) -> None:
+        original(self, started, states)
+        with self._lock:
+            time.sleep(delay)
+
+    Checkpoint.apply_batch = apply_batch  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -61,6 +77,8 @@ def main() -> None:
     flags = {"input": args.input, "output": args.output, "base_url": args.base_url, "concurrency": args.concurrency,
              "response_mode": args.response_mode, "key_column": args.key_column, "limit": args.limit, "fresh": True}
     spec = build_spec(None, flags, env={})
+    if args.commit_delay:
+        slow_commits(args.commit_delay)
     bar = None
     if args.progress:
         from runner.cli import ProgressBar

@@ -29,6 +29,19 @@ def body(row: dict[str, str], mode: str, user: str) -> dict[str, Any]:
 
 
 async def one_row(session: Any, url: str, payload: dict[str, Any]) -> dict[str, Any] | None:
+    import aiohttp
+
+    for attempt in range(3):
+        try:
+            return await _post(session, url, payload)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # uvicorn drops keep-alive connections idle > 5 s; the POST never reached the app, so send it again
+            if attempt == 2:
+                raise
+    return None
+
+
+async def _post(session: Any, url: str, payload: dict[str, Any]) -> dict[str, Any] | None:
     async with session.post(url, json=payload) as response:
         if response.status != 200:
             await response.read()

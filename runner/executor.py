@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, RowState
@@ -350,8 +351,8 @@ class Scheduler:
             request = self._prepare(item)
             result = await self._with_retries(item, request, count_attempt)
         except (DifyError, InputFileError) as exc:
-            return self._failed_state(item, state, exc, state.attempts + attempts, self.clock() - started)
-        return self._succeeded_state(item, state, result, state.attempts + attempts, self.clock() - started)
+            return _failure(state, exc, state.attempts + attempts, self.clock() - started)
+        return self._succeeded_state(state, result, state.attempts + attempts, self.clock() - started)
 
     async def _recover(self, state: RowState) -> RowState | None:
         """A crash left this row running with a known run id: look it up instead of paying for it again."""
@@ -368,7 +369,7 @@ class Scheduler:
         if result.status == "running":
             return None
         self.counters.recovered += 1
-        return self._succeeded_state(None, state, result, state.attempts, result.elapsed_s)
+        return self._succeeded_state(state, result, state.attempts, result.elapsed_s)
 
     def _prepare(self, item: KeyedRow) -> dict[str, Any]:
         """Inputs, query and file references for a row; InputFileError / DifyError-free checks before any request."""
@@ -515,7 +516,7 @@ class Scheduler:
         return record
 
     async def _upload(self, path: str) -> str:
-        digest = await asyncio.to_thread(sha256_file, _path(path))
+        digest = await asyncio.to_thread(sha256_file, Path(path))
         slot = (digest, self.spec.user)
         if slot not in self.uploads:
             self.uploads[slot] = asyncio.ensure_future(self._upload_once(path, digest))
@@ -538,9 +539,7 @@ class Scheduler:
 
     # ---- results -------------------------------------------------------------------------------------------------
 
-    def _succeeded_state(
-        self, item: KeyedRow | None, state: RowState, result: RunResult, attempts: int, elapsed: float | None
-    ) -> RowState:
+    def _succeeded_state(self, state: RowState, result: RunResult, attempts: int, elapsed: float | None) -> RowState:
         if result.status != "succeeded" and result.status != "partial-succeeded":
             error = RunFailedError(result.error or f"run ended {result.status}", status=200,
                                    code=f"workflow_{result.status}", run_id=result.workflow_run_id, result=result)
@@ -569,11 +568,6 @@ class Scheduler:
             outputs["retriever_resources"] = result.retriever_resources
         return outputs
 
-    def _failed_state(
-        self, item: KeyedRow, state: RowState, error: BaseException, attempts: int, elapsed: float
-    ) -> RowState:
-        return _failure(state, error, attempts, elapsed)
-
 
 def _failure(state: RowState, error: BaseException, attempts: int, elapsed: float | None) -> RowState:
     status = getattr(error, "status", None)
@@ -591,12 +585,6 @@ def _one_line(text: str) -> str:
 
 def _is_connect_error(error: TransportError) -> bool:
     return error.code in ("connect_error", "connection_refused", "dns_error", "connect")
-
-
-def _path(value: str) -> Any:
-    from pathlib import Path
-
-    return Path(value)
 
 
 def install_signal_handlers(scheduler: Scheduler) -> Callable[[], None]:
@@ -617,4 +605,4 @@ def install_signal_handlers(scheduler: Scheduler) -> Callable[[], None]:
     return undo
 
 
-__all__ = ["Counters", "JobAborted", "Progress", "Scheduler", "StreamInterruptedError", "install_signal_handlers"]
+__all__ = ["Counters", "JobAborted", "Progress", "Scheduler", "install_signal_handlers"]

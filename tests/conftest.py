@@ -73,3 +73,19 @@ def invoke(*args: str | Path) -> Result:
 
 def run_args(srv: SimulatorServer, *args: str | Path) -> list[str]:
     return ["run", "--base-url", srv.url, "--no-progress", *[str(a) for a in args]]
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same full-jitter retry back-off at 1/50 of its scale, so tests with dozens of retries do not really wait.
+
+    In-process runs only (CliRunner, run_job); the pause while the server is unreachable is not scaled.
+    """
+    import runner.retry
+
+    original = runner.retry.backoff_delay
+
+    def scaled(attempt: int, *, base: float = 1.0, cap: float = 60.0, rng: Any = None) -> float:
+        return original(attempt, base=base / 50, cap=cap / 50, rng=rng)
+
+    monkeypatch.setattr(runner.retry, "backoff_delay", scaled)
