@@ -342,7 +342,7 @@ class DifyClient:
         if outcome == "done":
             if events.error_event is not None:
                 raise self._event_error(events.error_event, url, events.run_id, events.task_id)
-            return _raise_if_failed(events.result(), url)
+            return self._checked(events.result(), url)
         if outcome in _UNSTARTED:
             raise self._not_started(url, outcome)
         return await self._recover(events.run_id, events.task_id, url, outcome)
@@ -387,7 +387,8 @@ class DifyClient:
         if payload.get("id") is None and payload.get("status") is None:  # old servers: 200 with nulls
             raise NotFoundError(f"404 run_not_found from {self._url(path)}: workflow run {run_id} not found",
                                 status=404, code="run_not_found", url=self._url(path), run_id=run_id)
-        return workflow_result(payload, run_id=run_id)
+        result = workflow_result(payload, run_id=run_id)
+        return replace(result, error=self._scrub(result.error)) if result.error else result
 
     async def wait_for_workflow_run(self, run_id: str) -> RunResult:
         """Poll until the run leaves `running`; after `recover_timeout` s returns the last (still running) result."""
@@ -447,7 +448,7 @@ class DifyClient:
             raise self._not_started(url, outcome)
         if events.workflow_failed is not None:
             failed = workflow_result(events.workflow_failed, run_id=events.run_id, task_id=events.task_id)
-            _raise_if_failed(failed, url)
+            self._checked(failed, url)
         raise StreamInterruptedError(
             f"the stream from {url} {_OUTCOME_WORDS[outcome]} before message_end; the answer is incomplete",
             status=200, code=f"stream_{outcome}", url=url, run_id=events.run_id, task_id=events.task_id,
@@ -473,7 +474,7 @@ class DifyClient:
         result = workflow_result(data, run_id=payload.get("workflow_run_id"), task_id=payload.get("task_id"))
         ids = {"workflow_run_id": result.workflow_run_id, "task_id": result.task_id}
         _notify(on_started, {k: v for k, v in ids.items() if v})
-        return _raise_if_failed(result, self._url(path))
+        return self._checked(result, self._url(path))
 
     # ---- streaming ----------------------------------------------------------------------------------------------
 
@@ -578,7 +579,7 @@ class DifyClient:
                 f"the stream from {url} {words} and run {run_id} was still running after {self.recover_timeout:g} s",
                 status=200, code="still_running", url=url, run_id=run_id, task_id=task_id, result=result,
             )
-        return _raise_if_failed(replace(result, recovered=True, task_id=task_id), url)
+        return self._checked(replace(result, recovered=True, task_id=task_id), url)
 
     def _not_started(self, url: str, outcome: str) -> BadRequestError:
         how = (f"never started within {self.start_timeout:g} s" if outcome == "not_started"
@@ -616,6 +617,12 @@ class DifyClient:
 
     def _origin_hint(self) -> str:
         return "" if self._display_base == self._origin + "/v1" else f" (try {self._origin}/v1)"
+
+    def _checked(self, result: RunResult, url: str) -> RunResult:
+        """A finished run's result, its error text scrubbed of the key (a node may echo headers), failures raised."""
+        if result.error and self._key in result.error:
+            result = replace(result, error=self._scrub(result.error))
+        return _raise_if_failed(result, url)
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._key, "***")[:1000]

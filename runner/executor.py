@@ -26,6 +26,7 @@ from .errors import (
     RateLimitedError,
     RunFailedError,
     RunnerError,
+    ServerError,
     StreamInterruptedError,
     TransportError,
 )
@@ -159,7 +160,17 @@ class ServerHealth:
         if self._probe is not None and self._probe.done() and self._probe.exception():
             raise JobAborted(self._probe.exception())  # type: ignore[arg-type]
 
-    async def report_down(self, error: TransportError) -> None:
+    async def probe_down(self) -> bool:
+        """One /parameters call now: is the whole server down, or did only one request fail?"""
+        try:
+            await self._client.parameters()
+        except (TransportError, ServerError) as exc:
+            return _is_gateway_down(exc) or (isinstance(exc, TransportError) and _is_connect_error(exc))
+        except DifyError:
+            return False
+        return False
+
+    async def report_down(self, error: DifyError) -> None:
         if self._up.is_set():
             self._up.clear()
             self.outages += 1
@@ -168,7 +179,7 @@ class ServerHealth:
         if self._probe is not None and self._probe.exception():
             raise JobAborted(self._probe.exception())  # type: ignore[arg-type]
 
-    async def _wait_for_server(self, error: TransportError) -> None:
+    async def _wait_for_server(self, error: DifyError) -> None:
         started = self._clock()
         attempt = 0
         try:
@@ -178,7 +189,9 @@ class ServerHealth:
                 try:
                     await self._client.parameters()
                     return
-                except TransportError as exc:
+                except (TransportError, ServerError) as exc:
+                    if isinstance(exc, ServerError) and not _is_gateway_down(exc):
+                        return  # it answers: up, if unwell; the rows' own retries decide
                     error = exc
                     if self._clock() - started > self._max_down:
                         raise TransportError(
@@ -418,6 +431,7 @@ class Scheduler:
                 self.limit.release()
                 raise RowNotStarted()
             lost_run: str | None = None
+            failure: DifyError
             try:
                 self.counters.requests += 1
                 result = await self._call(item, inputs, request["query"], attached)
@@ -436,12 +450,18 @@ class Scheduler:
                 if not (exc.run_id and isinstance(exc.__cause__, TransportError) and _is_connect_error(exc.__cause__)):
                     raise
                 failure, lost_run = exc.__cause__, exc.run_id
+            except ServerError as exc:
+                if not _is_gateway_down(exc):
+                    raise
+                failure = exc
             except DifyError as exc:
                 if is_fatal_for_job(exc):
                     raise JobAborted(exc) from exc
                 raise
             finally:
                 self.limit.release()
+            if isinstance(failure, ServerError) and not await self.health.probe_down():
+                raise failure  # only this request met the gateway error: an ordinary retry
             # The server is unreachable: wait for it to come back; this is not the row's fault.
             await self.health.report_down(failure)
             if lost_run is not None:
@@ -581,6 +601,11 @@ def _failure(state: RowState, error: BaseException, attempts: int, elapsed: floa
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _is_gateway_down(error: DifyError) -> bool:
+    """An HTML 502/503 page from the proxy in front of Dify: the API behind it is down (restart, deploy)."""
+    return isinstance(error, ServerError) and error.code == "html_page" and error.status in (502, 503)
 
 
 def _is_connect_error(error: TransportError) -> bool:

@@ -42,7 +42,7 @@ def export_results(reader: TableReader, spec: JobSpec, mapping: dict[str, str], 
     schema = _arrow_schema(reader, spec, store, outputs)
     writer = TableWriter(
         spec.output, columns, arrow_schema=schema, safe_formulas=spec.safe_csv,
-        neutralise_columns={name for _, name in outputs}, bom=_wants_bom(reader),
+        neutralise_columns={name for _, name in outputs} | {"_error"}, bom=_wants_bom(reader),
     )
     rows = 0
     with writer:
@@ -51,7 +51,7 @@ def export_results(reader: TableReader, spec: JobSpec, mapping: dict[str, str], 
             writer.write_rows([_output_row(item, states.get(item.key), outputs) for item in batch])
             rows += len(batch)
         writer.commit()
-    failed = write_errors_report(spec.errors_path, store)
+    failed = write_errors_report(spec.errors_path, store, safe_formulas=spec.safe_csv)
     return ExportResult(spec.output, spec.errors_path, rows, failed)
 
 
@@ -99,10 +99,13 @@ def _output_values(store: Checkpoint, key: str) -> Iterator[Any]:
         yield (state.outputs or {}).get(key)
 
 
-def write_errors_report(path: Path, store: Checkpoint) -> int:
-    """The failed rows (key, row number, code, HTTP status, message, attempts) as CSV; header only when none failed."""
+def write_errors_report(path: Path, store: Checkpoint, *, safe_formulas: bool = False) -> int:
+    """The failed rows (key, row number, code, HTTP status, message, attempts) as CSV; header only when none failed.
+
+    Error messages quote server text (which may quote model output), so --safe-csv neutralises them too.
+    """
     failed = 0
-    with TableWriter(path, list(ERROR_COLUMNS)) as writer:
+    with TableWriter(path, list(ERROR_COLUMNS), safe_formulas=safe_formulas, neutralise_columns={"message"}) as writer:
         batch: list[dict[str, Any]] = []
         for state in store.iter_rows(status="failed"):
             batch.append({"key": state.key, "row": state.row_index + 1, "error_code": state.error_code,

@@ -106,10 +106,13 @@ def _is_loopback(host: str) -> bool:
 
 
 def check_output_paths(spec: JobSpec) -> None:
+    """Everything about the output side that can be known before a run is paid for."""
     output_format(spec.output)
     for path in (spec.output, spec.errors_path, spec.state_path):
         if not path.parent.is_dir():
             raise OutputError(f"output folder does not exist: {path.parent}")
+        if path.is_dir():
+            raise OutputError(f"output path is a folder, not a file: {path}")
 
 
 async def inspect_app(client: DifyClient, spec: JobSpec) -> tuple[AppParameters, dict[str, Any]]:
