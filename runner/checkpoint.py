@@ -265,6 +265,12 @@ class Checkpoint:
             self._conn.executemany(_SAVE_SQL, params)
             self._add_output_columns(states)
 
+    def last_update(self) -> float | None:
+        """When any row last changed (saved or marked started): part of the signature of an export."""
+        with self._lock:
+            value = self._conn.execute("SELECT MAX(updated_at) FROM job_rows").fetchone()[0]
+        return float(value) if value is not None else None
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             found = dict(self._conn.execute("SELECT status, COUNT(*) FROM job_rows GROUP BY status").fetchall())

@@ -195,8 +195,33 @@ async def _run_job(
                 notes.append("note: this agent app only answers in streaming mode; requests were sent streaming")
                 notice(notes[-1])
             if stopped is None:
-                await asyncio.to_thread(export_results, reader, spec, mapping, store)
+                await asyncio.to_thread(_export_if_changed, reader, spec, mapping, store, plan.rows)
             return _summary(spec, plan.rows, store, scheduler, before, started, stopped, notes)
+
+
+def _export_if_changed(reader: TableReader, spec: JobSpec, mapping: dict[str, str], store: Checkpoint, rows: int) -> None:
+    """Write output and errors report, unless they are exactly what the last export wrote from the same state.
+
+    A rerun of a finished 1M-row job would otherwise spend most of its time rewriting an identical output.
+    """
+    before = _export_signature(spec, store, rows)
+    if before is not None and store.meta("exported") == before:
+        return
+    export_results(reader, spec, mapping, store)
+    store.set_meta("exported", _export_signature(spec, store, rows))
+
+
+def _export_signature(spec: JobSpec, store: Checkpoint, rows: int) -> dict[str, Any] | None:
+    """What the output depends on: the input file, the checkpoint's contents, the output files and the options."""
+    try:
+        files = [spec.input.stat(), spec.output.stat(), spec.errors_path.stat()]
+    except OSError:
+        return None
+    return {
+        "files": [[str(p), f.st_size, f.st_mtime_ns] for p, f in zip(
+            (spec.input, spec.output, spec.errors_path), files, strict=True)],
+        "rows": rows, "counts": store.counts(), "last_update": store.last_update(), "safe_csv": spec.safe_csv,
+    }
 
 
 def _mapping(spec: JobSpec, reader: TableReader, params: AppParameters) -> dict[str, str]:

@@ -209,3 +209,19 @@ def test_state_of_another_job_is_refused_unless_fresh(tmp_path: Path) -> None:
         srv.sim.reset_records()
         assert invoke(*run_args(srv, "--input", b, "--output", "out.csv", "--fresh")).exit_code == 0
         assert srv.sim.count("/workflows/run") == 3
+
+
+def test_rerun_of_finished_job_rewrites_output_only_when_something_changed(tmp_path: Path) -> None:
+    src = texts_csv(tmp_path / "in.csv", 5)
+    with start_server() as srv:
+        assert invoke(*run_args(srv, "--input", src, "--output", "out.csv")).exit_code == 0
+        written = (tmp_path / "out.csv").stat().st_mtime_ns
+        assert invoke(*run_args(srv, "--input", src, "--output", "out.csv")).exit_code == 0
+        assert (tmp_path / "out.csv").stat().st_mtime_ns == written  # identical output is not rewritten
+        (tmp_path / "out.csv").write_text("edited by hand\n", encoding="utf-8")
+        assert invoke(*run_args(srv, "--input", src, "--output", "out.csv")).exit_code == 0
+        assert len(read_csv(tmp_path / "out.csv")) == 5  # a changed output file is written again
+        (tmp_path / "out.csv").unlink()
+        assert invoke(*run_args(srv, "--input", src, "--output", "out.csv")).exit_code == 0
+        assert len(read_csv(tmp_path / "out.csv")) == 5
+        assert srv.sim.count("/workflows/run") == 5
