@@ -25,7 +25,7 @@ from .inputs import TableReader, open_table
 from .mapping import message_files_def, resolve_mapping, row_problems
 from .models import AppParameters
 from .outputs import output_format
-from .plan import iter_keyed_batches, register_rows
+from .plan import KeySet, iter_keyed_batches, register_rows
 from .spec import JobSpec, read_api_key
 
 APP_MODES = {
@@ -298,17 +298,15 @@ async def _validate(spec: JobSpec, api_key: str | None, transport: Any, max_prob
     mapping = _mapping(spec, reader, params)
     problems: list[str] = []
     rows = 0
-    seen: dict[str, int] = {}
-    for batch in iter_keyed_batches(reader, spec, mapping):
-        for item in batch:
-            rows += 1
-            values = {var: item.row.get(col) for var, col in mapping.items()}
-            found = row_problems(values, params)
-            if spec.key_column and item.key in seen:
-                found.append(f"duplicate key {item.key!r} (also row {seen[item.key] + 1})")
-            elif spec.key_column:
-                seen[item.key] = item.index
-            problems += [f"row {item.index + 1}: {p}" for p in found]
+    with KeySet() as seen:
+        for batch in iter_keyed_batches(reader, spec, mapping):
+            repeats = {index: first for _, first, index in seen.add(batch)[1]} if spec.key_column else {}
+            for item in batch:
+                rows += 1
+                found = row_problems({var: item.row.get(col) for var, col in mapping.items()}, params)
+                if item.index in repeats:
+                    found.append(f"duplicate key {item.key!r} (also row {repeats[item.index] + 1})")
+                problems += [f"row {item.index + 1}: {p}" for p in found]
     if rows == 0:
         raise RunnerError(f"{spec.input} has no data rows")
     return ValidationReport(rows, mapping, problems, params)

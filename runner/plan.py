@@ -74,56 +74,64 @@ class Plan:
     unique: int  # distinct keys: the rows that need a result
 
 
-def register_rows(reader: TableReader, spec: JobSpec, mapping: dict[str, str], store: Checkpoint) -> Plan:
-    """One pass before any run: refuse duplicate key-column values, record every key in the checkpoint."""
-    with tempfile.TemporaryDirectory(prefix="dify-batch-") as tmp:
-        seen = sqlite3.connect(Path(tmp) / "seen.sqlite")
-        try:
-            seen.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, row INTEGER)")
-            return _register(reader, spec, mapping, store, seen)
-        finally:
-            seen.close()
+class KeySet:
+    """The keys seen so far in one pass over the input, on disk (flat memory at millions of rows)."""
 
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="dify-batch-")
+        self._db = sqlite3.connect(Path(self._dir.name) / "seen.sqlite")
+        self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, row INTEGER)")
 
-def _register(
-    reader: TableReader, spec: JobSpec, mapping: dict[str, str], store: Checkpoint, seen: sqlite3.Connection
-) -> Plan:
-    rows = unique = 0
-    duplicates: list[tuple[str, int, int]] = []
-    for batch in iter_keyed_batches(reader, spec, mapping):
-        rows += len(batch)
+    def add(self, batch: list[KeyedRow]) -> tuple[list[tuple[str, int]], list[tuple[str, int, int]]]:
+        """Record a batch: (new keys with their first row, repeats as (key, first row, this row))."""
         first: dict[str, int] = {}
         for item in batch:
             first.setdefault(item.key, item.index)
-        known = dict(_known(seen, list(first)))
+        known = dict(self._known(list(first)))
         new = [(k, i) for k, i in first.items() if k not in known]
-        seen.executemany("INSERT INTO seen VALUES (?, ?)", new)
-        store.register_rows(new)
-        unique += len(new)
-        if spec.key_column:
-            duplicates += _duplicates(batch, first, known)
+        self._db.executemany("INSERT INTO seen VALUES (?, ?)", new)
+        repeats = []
+        for item in batch:
+            owner = known.get(item.key, first[item.key])
+            if owner != item.index:
+                repeats.append((item.key, owner, item.index))
+        return new, repeats
+
+    def _known(self, keys: list[str]) -> Iterator[tuple[str, int]]:
+        for start in range(0, len(keys), 900):
+            chunk = keys[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            yield from self._db.execute(f"SELECT key, row FROM seen WHERE key IN ({marks})", chunk)
+
+    def close(self) -> None:
+        self._db.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> KeySet:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def register_rows(reader: TableReader, spec: JobSpec, mapping: dict[str, str], store: Checkpoint) -> Plan:
+    """One pass before any run: refuse duplicate key-column values, record every key in the checkpoint."""
+    rows = unique = 0
+    duplicates: list[tuple[str, int, int]] = []
+    with KeySet() as seen:
+        for batch in iter_keyed_batches(reader, spec, mapping):
+            rows += len(batch)
+            new, repeats = seen.add(batch)
+            store.register_rows(new)
+            unique += len(new)
+            if spec.key_column:
+                duplicates += repeats[: 6 - len(duplicates)]
     if duplicates:
         raise InputFileError(_duplicate_message(spec, duplicates))
     return Plan(rows=rows, unique=unique)
 
 
-def _known(seen: sqlite3.Connection, keys: list[str]) -> Iterator[tuple[str, int]]:
-    for start in range(0, len(keys), 900):
-        chunk = keys[start : start + 900]
-        marks = ",".join("?" * len(chunk))
-        yield from seen.execute(f"SELECT key, row FROM seen WHERE key IN ({marks})", chunk)
-
-
-def _duplicates(batch: list[KeyedRow], first: dict[str, int], known: dict[str, int]) -> list[tuple[str, int, int]]:
-    found = []
-    for item in batch:
-        owner = known.get(item.key, first[item.key])
-        if owner != item.index:
-            found.append((item.key, owner, item.index))
-    return found
-
-
 def _duplicate_message(spec: JobSpec, duplicates: list[tuple[str, int, int]]) -> str:
     shown = "; ".join(f"{key!r} (rows {a + 1} and {b + 1})" for key, a, b in duplicates[:5])
-    more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
+    more = " and more" if len(duplicates) > 5 else ""
     return f"duplicate values in key column '{spec.key_column}' of {spec.input}: {shown}{more} — keys must be unique"

@@ -174,3 +174,10 @@ def test_validate_ok(srv: SimulatorServer, tmp_path: Path) -> None:
     result = invoke("validate", "--base-url", srv.url, "--input", "in.csv")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["Mapping: text<-text", "OK: 4 rows, every mapped value fits the app's inputs."]
+
+
+def test_validate_names_duplicate_keys_per_row(srv: SimulatorServer, tmp_path: Path) -> None:
+    write_csv(tmp_path / "in.csv", ["id", "text"], [["1", "a"], ["2", "b"], ["1", "c"]])
+    result = invoke("validate", "--base-url", srv.url, "--input", "in.csv", "--key-column", "id")
+    assert result.exit_code == 1
+    assert "row 3: duplicate key '1' (also row 1)" in result.output.splitlines()
