@@ -533,7 +533,10 @@ class DifyClient:
                     frames = decoder.feed(chunk)
                     if frames or (pings_count and started and chunk):
                         later = loop.time() + self.stall_timeout
-                        deadline.reschedule(min(later, hard_end) if pings_count else later)
+                        later = min(later, hard_end) if pings_count else later
+                        # Moving the deadline makes a new timer: do it at most about once a second, not per frame.
+                        if abs(later - (deadline.when() or 0.0)) > min(1.0, self.stall_timeout / 10):
+                            deadline.reschedule(later)
                     if frames and take(frames):
                         return "done"
             if take(decoder.flush()):

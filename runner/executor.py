@@ -128,18 +128,19 @@ class StateWriter:
             )
         except BaseException as exc:  # reported to every waiting row; the job then stops
             error = exc
-        for item in items:
-            if item[0] == "save":
-                self._loop.call_soon_threadsafe(_resolve, item[2], error)
+        futures = [item[2] for item in items if item[0] == "save"]
+        if futures:  # one wake-up of the event loop per committed batch, not per row
+            self._loop.call_soon_threadsafe(_resolve, futures, error)
 
 
-def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _resolve(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 class ServerHealth:
