@@ -54,7 +54,28 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class OneLineErrors(click.Group):
+    """Usage errors as one `Error: …` line (exit 2), like every other error, instead of click's usage block."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+            sys.exit(EXIT_OK)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            _fail(f"{exc.format_message()}{where}", EXIT_USAGE)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            click.echo("Interrupted.", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="dify-batch")
 def main() -> None:
     """Run a Dify app (workflow, chat or completion) over every row of a table — concurrently, with retries,
@@ -283,11 +304,24 @@ def simulate(config_file: Path | None, api_key_env: str, **flags: Any) -> None:
         _apply_sim_flags(config, flags, os.environ.get(api_key_env))
     except (ValueError, OSError) as exc:
         _fail(str(exc), EXIT_USAGE)
+    _check_port_free(flags["host"], flags["port"])
     click.echo(f"Dify simulator ({config.app_mode} app) on http://{flags['host']}:{flags['port']}/v1 — "
                f"key: the value of ${api_key_env}" if os.environ.get(api_key_env) else
                f"Dify simulator ({config.app_mode} app) on http://{flags['host']}:{flags['port']}/v1 — "
                f"key: {config.api_key}", err=True)
     simulator.serve(config, host=flags["host"], port=flags["port"])
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} — is another simulator running? "
+                  "choose another --port")
 
 
 def _apply_sim_flags(config: Any, flags: dict[str, Any], api_key: str | None) -> None:

@@ -60,6 +60,11 @@ async def _describe(base_url: str, api_key: str) -> AppDescription:
     return AppDescription(str(info.get("name") or ""), str(info.get("mode") or ""), params)
 
 
+def _q(value: object) -> str:
+    """A TOML basic string (JSON's escapes are valid TOML); Chinese names stay readable."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def guess_mapping(inputs: tuple[InputDef, ...], columns: list[str]) -> dict[str, str | None]:
     """Each input's best column: same name, same name ignoring case/underscores, then the closest name."""
     normal = {_norm(c): c for c in columns}
@@ -88,10 +93,10 @@ def job_file_text(
     lines = [
         f"# Job file for {app.name or 'the app'} ({app.mode or 'unknown'} app) written by `dify-batch inspect`.",
         "# Paths are relative to this file's folder. The API key is read from the environment, never from here.",
-        f"input = {json.dumps(input_path.as_posix() if input_path else 'data.csv')}",
+        f"input = {_q(input_path.as_posix() if input_path else 'data.csv')}",
         'output = "out.csv"',
-        f"base_url = {json.dumps(base_url)}",
-        f"api_key_env = {json.dumps(api_key_env)}",
+        f"base_url = {_q(base_url)}",
+        f"api_key_env = {_q(api_key_env)}",
         f'app_type = "{app.app_type}"',
         'response_mode = "streaming"',
         "concurrency = 8",
@@ -101,7 +106,7 @@ def job_file_text(
     for item in app.params.inputs:
         column = mapping.get(item.variable)
         note = f"  # {describe_input(item)}"
-        lines.append(f"{item.variable} = {json.dumps(column)}{note}" if column else f"# {item.variable} = \"?\"{note}")
+        lines.append(f"{item.variable} = {_q(column)}{note}" if column else f"# {item.variable} = \"?\"{note}")
     if app.app_type == "chat":
         lines.insert(9, 'query_column = "query"  # the column holding the user message')
     return "\n".join(lines) + "\n"

@@ -113,6 +113,8 @@ def check_output_paths(spec: JobSpec) -> None:
             raise OutputError(f"output folder does not exist: {path.parent}")
         if path.is_dir():
             raise OutputError(f"output path is a folder, not a file: {path}")
+        if path.resolve() == spec.input.resolve():
+            raise OutputError(f"{path} is the input file: choose another --output (the input is never overwritten)")
 
 
 async def inspect_app(client: DifyClient, spec: JobSpec) -> tuple[AppParameters, dict[str, Any]]:

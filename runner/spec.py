@@ -6,6 +6,8 @@ The API key itself is never part of a spec: only the name of the environment var
 
 from __future__ import annotations
 
+import codecs
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -18,6 +20,7 @@ from .models import APP_TYPES
 
 DEFAULT_BASE_URL = "http://localhost/v1"
 RESPONSE_MODES = ("streaming", "blocking")
+OUTPUT_EXTENSIONS = (".csv", ".tsv", ".parquet", ".jsonl", ".xlsx")
 PATH_FIELDS = ("input", "output", "errors", "state", "files_root", "summary_json")
 
 
@@ -93,7 +96,9 @@ def _normalise_job_dict(data: dict[str, Any], path: Path) -> dict[str, Any]:
         raise UsageError(f"{path}: do not put the API key in a job file; set api_key_env (default DIFY_API_KEY) instead")
     unknown = sorted(set(values) - SPEC_FIELDS)
     if unknown:
-        raise UsageError(f"{path}: unknown setting(s): {', '.join(unknown)}")
+        close = difflib.get_close_matches(unknown[0], sorted(SPEC_FIELDS | {"map"}), n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise UsageError(f"{path}: unknown setting(s): {', '.join(unknown)}{hint}")
     mapping = values.get("mapping", {})
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
         raise UsageError(f"{path}: [map] must be a table of input = \"column\" strings")
@@ -134,7 +139,12 @@ def build_spec(
         if require_output:
             raise UsageError("no output file: pass --output PATH or set output in the job file")
         values["output"] = Path(values["input"]).with_suffix(".out.csv")
-    return validate_spec(JobSpec(**_coerce_paths(values)))
+    try:
+        return validate_spec(JobSpec(**_coerce_paths(values)))
+    except (TypeError, UsageError) as exc:
+        if job_file is None:
+            raise
+        raise UsageError(f"{job_file}: {exc}") from exc
 
 
 def _coerce_paths(values: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +175,14 @@ def validate_spec(spec: JobSpec) -> JobSpec:
     if spec.limit is not None and spec.limit < 1:
         raise UsageError(f"limit must be >= 1, got {spec.limit!r}")
     if spec.app_type == "chat" and not spec.query_column:
-        raise ConfigError("chat apps need the question column: pass --query-column COLUMN")
+        raise UsageError("chat apps need the question column: pass --query-column COLUMN")
+    if spec.output.suffix.lower() not in OUTPUT_EXTENSIONS:
+        raise UsageError(f"--output {spec.output}: unsupported file type; use one of {', '.join(OUTPUT_EXTENSIONS)}")
+    if spec.encoding:
+        try:
+            codecs.lookup(spec.encoding)
+        except LookupError:
+            raise UsageError(f"--encoding {spec.encoding}: unknown encoding (try utf-8, utf-8-sig, gbk, gb18030)") from None
     if not spec.user.strip():
         raise UsageError("user must not be empty")
     return replace(spec, base_url=spec.base_url.strip())

@@ -68,7 +68,7 @@ def texts_csv(path: Path, n: int, *, prefix: str = "row") -> Path:
 
 
 def invoke(*args: str | Path) -> Result:
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, prog_name="dify-batch")
 
 
 def run_args(srv: SimulatorServer, *args: str | Path) -> list[str]:

@@ -44,8 +44,8 @@ def test_unsupported_extension(srv: SimulatorServer, tmp_path: Path) -> None:
 
 def test_unsupported_output_extension(srv: SimulatorServer, tmp_path: Path) -> None:
     texts_csv(tmp_path / "in.csv", 2)
-    line = run_refused(srv, "--input", "in.csv", "--output", "out.docx")
-    assert "out.docx" in line
+    line = run_refused(srv, "--input", "in.csv", "--output", "out.docx", code=2)
+    assert "out.docx" in line and ".parquet" in line
 
 
 def test_empty_file_and_header_only(srv: SimulatorServer, tmp_path: Path) -> None:
@@ -181,3 +181,36 @@ def test_validate_names_duplicate_keys_per_row(srv: SimulatorServer, tmp_path: P
     result = invoke("validate", "--base-url", srv.url, "--input", "in.csv", "--key-column", "id")
     assert result.exit_code == 1
     assert "row 3: duplicate key '1' (also row 1)" in result.output.splitlines()
+
+
+def test_usage_errors_are_one_line_too() -> None:
+    result = invoke("run", "--concurency", "3")
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "Error: No such option '--concurency'. (Did you mean one of: '--concurrency', '--insecure'?) "
+        "(see 'dify-batch run --help')"]
+
+
+def test_output_that_is_the_input_is_refused(srv: SimulatorServer, tmp_path: Path) -> None:
+    texts_csv(tmp_path / "in.csv", 2)
+    line = run_refused(srv, "--input", "in.csv", "--output", "in.csv")
+    assert "is the input file" in line
+    assert (tmp_path / "in.csv").read_text(encoding="utf-8").startswith("id,text")
+
+
+def test_unknown_job_setting_suggests_the_closest(tmp_path: Path) -> None:
+    (tmp_path / "job.toml").write_text('input = "in.csv"\noutput = "o.csv"\nkey_colum = "id"\n', encoding="utf-8")
+    result = invoke("run", "job.toml")
+    assert result.exit_code == 2
+    assert error_line(result.output) == "Error: job.toml: unknown setting(s): key_colum — did you mean 'key_column'?"
+
+
+def test_simulate_on_a_busy_port_is_one_clear_error() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = invoke("simulate", "--port", str(busy.getsockname()[1]))
+    assert result.exit_code == 1
+    assert error_line(result.output).startswith("Error: cannot listen on 127.0.0.1:")

@@ -39,7 +39,7 @@ def test_chat_needs_query_column(tmp_path: Path) -> None:
     write_csv(tmp_path / "in.csv", ["q"], [["hello"]])
     with start_server(app_mode="chat", input_form=CHAT_FORM) as srv:
         result = invoke(*chat_args(srv, "--input", "in.csv", "--output", "out.csv"))
-    assert result.exit_code == 1 and "Error: chat apps need the question column: pass --query-column" in result.output
+    assert result.exit_code == 2 and "Error: chat apps need the question column: pass --query-column" in result.output
 
 
 def test_conversations_keep_order_and_run_in_parallel(tmp_path: Path) -> None:

@@ -162,7 +162,9 @@ def test_server_down_for_a_while_mid_job_the_job_waits_and_finishes(tmp_path: Pa
     out = tmp_path / "out.csv"
     with start_server(latency=Latency("uniform", 0.05, 0.25), seed=8) as srv:
         outage = outage_when(srv, posts=12, down_for=1.5)
-        proc = cli_process(srv.url, src, out, "--concurrency", str(concurrency), "--response-mode", mode)
+        # A stopped uvicorn may leave an accepted connection open and silent: --timeout bounds the wait for it.
+        proc = cli_process(srv.url, src, out, "--concurrency", str(concurrency), "--response-mode", mode,
+                           "--timeout", "10")
         _, stderr = proc.communicate(timeout=90)
         outage.join(5)
         assert proc.returncode == 0, stderr.decode()
@@ -173,7 +175,7 @@ def test_server_down_for_a_while_mid_job_the_job_waits_and_finishes(tmp_path: Pa
     print(f"\n[outage {mode}] requests cut by the outage: {len(cut)}; rows re-posted: {again} (concurrency {concurrency})")
     assert again <= len(cut)  # only requests the outage cut are sent again, each once
     if mode == "streaming":
-        assert len(cut) <= concurrency
+        assert len(cut) <= 2 * concurrency  # the outage cut the streams in flight, not the whole job
 
 
 @SIMULATOR_STOP_LEAK
