@@ -185,9 +185,13 @@ def run(job_file: Path | None, no_progress: bool, debug: bool, **flags: Any) -> 
 
 
 def _print_summary(summary: Any) -> None:
+    extras = "".join([
+        f", {summary.duplicates} duplicate rows sent once" if summary.duplicates else "",
+        f", {summary.recovered} recovered by run lookup" if summary.recovered else "",
+    ])
     line = (
-        f"{summary.succeeded} succeeded, {summary.failed} failed, {summary.skipped} skipped (already done)"
-        f"{f', {summary.duplicates} duplicate rows sent once' if summary.duplicates else ''}, "
+        f"{summary.succeeded - summary.skipped} succeeded, {summary.failed} failed, {summary.skipped} skipped "
+        f"(already done){extras}, "
         f"{summary.retries} retries, {summary.total_tokens} tokens, {summary.wall_s:.1f} s, {summary.rows_per_s:.1f} rows/s"
     )
     if summary.stopped == "interrupted":
