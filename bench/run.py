@@ -409,7 +409,7 @@ def rss_row(what: str, scenario: str, sizes: dict[str, Measured]) -> Row:
     peak = max(values.values())
     growth = last - first
     failed = [size for size, m in sizes.items() if m.rc not in (0, 3)]
-    text = " / ".join(f"{v:.0f}" for v in values.values()) + f" MB (+{growth:.0f} MB)"
+    text = " / ".join(f"{v:.0f}" for v in values.values()) + f" MB ({growth:+.0f} MB)"
     detail = ", ".join(f"{size}: {m.maxrss_mb:.0f} MB in {m.wall_s:.1f} s" for size, m in sizes.items())
     if failed:
         detail += f"; FAILED (exit code) at {failed}: " + one_line(sizes[failed[0]].stderr)[-300:]

@@ -214,14 +214,7 @@ def _csv_batches(reader: TableReader, batch_rows: int) -> Iterator[list[Row]]:
             yield from _rebatch(_csv_stream(reader.path, reader), batch_rows)
         return
     with _text_errors(reader):
-        batch: list[Row] = []
-        for row in _text_rows(reader):
-            batch.append(row)
-            if len(batch) == batch_rows:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _batched(_text_rows(reader), batch_rows)
 
 
 def _csv_stream(p: Path, reader: TableReader, *, typed: bool = True) -> pa_csv.CSVStreamingReader:
@@ -413,10 +406,15 @@ def _json_kind(value: Any) -> str:
 
 
 def _jsonl_batches(reader: TableReader, batch_rows: int) -> Iterator[list[Row]]:
+    objects = _jsonl_objects(reader.path, reader.encoding)
+    yield from _batched(({column: obj.get(column) for column in reader.columns} for obj in objects), batch_rows)
+
+
+def _batched(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
     batch: list[Row] = []
-    for obj in _jsonl_objects(reader.path, reader.encoding):
-        batch.append({column: obj.get(column) for column in reader.columns})
-        if len(batch) == batch_rows:
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
             yield batch
             batch = []
     if batch:
@@ -473,14 +471,7 @@ def _xlsx_batches(reader: TableReader, batch_rows: int) -> Iterator[list[Row]]:
     rows = _sheet_rows(reader.path)
     try:
         next(rows, None)
-        batch: list[Row] = []
-        for row in _xlsx_dicts(reader, rows):
-            batch.append(row)
-            if len(batch) == batch_rows:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _batched(_xlsx_dicts(reader, rows), batch_rows)
     finally:
         rows.close()
 
