@@ -504,7 +504,7 @@ class DifyClient:
     async def _read_events(
         self, chunks: AsyncIterator[bytes], events: WorkflowEvents | MessageEvents, on_started: OnStarted | None
     ) -> str:
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(events.SKIP if isinstance(events, WorkflowEvents) else ())
         notified = on_started is None
         started = False
 

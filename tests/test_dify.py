@@ -988,3 +988,12 @@ def test_simulator_upload(sim_server: Any, tmp_path: Path) -> None:
 
     answer = asyncio.run(go())
     assert answer["name"] == "notes.txt" and answer["size"] == 5 and answer["id"]
+
+
+def test_decoder_counts_but_does_not_parse_skipped_progress_frames() -> None:
+    from runner.sse import SKIPPED, SSEDecoder, WorkflowEvents
+
+    decoder = SSEDecoder(WorkflowEvents.SKIP)
+    frames = decoder.feed(b'data: {"event": "node_started", "data": {not json}}\n\n'
+                          b'data: {"event": "workflow_finished", "data": {"status": "succeeded"}}\n\n')
+    assert frames[0] is SKIPPED and frames[1]["event"] == "workflow_finished"
