@@ -51,7 +51,7 @@ class AppParameters:
 class RunResult:
     """What one request (workflow run, chat message, completion) produced.
 
-    For chat / completion apps `outputs` holds `answer` (and, for chat, `conversation_id` / `message_id`).
+    For chat / completion apps `outputs` holds `answer`; the ids are the `conversation_id` / `message_id` fields.
     `recovered` is True when the stream broke and the result came from looking the run up.
     """
 
